@@ -1,0 +1,115 @@
+"""Stored bytes and object counts of one model family under several chunking strategies.
+
+    python benchmarks/dedup.py [FAMILY_DIR]
+
+FAMILY_DIR holds one model directory per version (default: builds the MiniLM family of
+examples/model_family.py into a temp dir).  Every strategy sees the same files; "stored" is the sum
+of the distinct chunks, "objects" their count (each one a store request on a cold read).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import blake3
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlfs import chunking  # noqa: E402
+from mlfs.chunking import HeaderError  # noqa: E402
+from mlfs.generate import plan_spans, scan_model_dir  # noqa: E402
+
+MiB = 1 << 20
+
+
+def tensor_spans(data: bytes, size: int, *, piece: int, small: int, policy: str, pack_limit: int):
+    n = chunking.header_length(data[:8], size)
+    start, tensors = chunking.parse_safetensors_header(data[:8 + n], size)
+    return chunking.safetensors_spans(start, tensors, size, piece=piece, small=small, policy=policy,
+                                      pack_limit=pack_limit)
+
+
+def strategies():
+    yield "whole file", lambda rel, data, size: [(0, size)] if size else []
+    yield "fixed 16 MiB offsets", lambda rel, data, size: chunking.fixed_spans(0, size, 16 * MiB)
+    try:
+        import pyfastcdc
+
+        def cdc(rel, data, size):
+            if not size:
+                return []
+            return [(c.offset, c.offset + c.length)
+                    for c in pyfastcdc.FastCDC(avg_size=65536).cut_buf(data)]
+        yield "64 KiB CDC (FastCDC)", cdc
+    except ImportError:
+        print("pyfastcdc not installed: skipping the CDC row", file=sys.stderr)
+
+    def per_tensor(rel, data, size):
+        if rel.endswith(".safetensors"):
+            try:
+                return tensor_spans(data, size, piece=1 << 62, small=0, policy="separate",
+                                    pack_limit=0)
+            except HeaderError:
+                pass
+        return chunking.fixed_spans(0, size, MiB)
+    yield "one chunk per tensor", per_tensor
+
+    for piece in (256 << 10, MiB, 4 * MiB):
+        for policy in ("separate", "pack", "glue"):
+            def f(rel, data, size, piece=piece, policy=policy):
+                if rel.endswith(".safetensors"):
+                    try:
+                        return tensor_spans(data, size, piece=piece, small=64 << 10,
+                                            policy=policy, pack_limit=MiB)
+                    except HeaderError:
+                        pass
+                return chunking.fixed_spans(0, size, piece)
+            yield f"tensor-aligned {piece >> 10} KiB, small:{policy}", f
+    yield "mlfs default", lambda rel, data, size: plan_spans(rel, data, size)[0]
+
+
+def measure(dirs: list[Path]):
+    files = []
+    for d in dirs:
+        for rel, full, size, _ in scan_model_dir(d):
+            files.append((rel, full.read_bytes(), size))
+    logical = sum(s for _, _, s in files)
+    rows = []
+    for name, fn in strategies():
+        chunks: dict[bytes, int] = {}
+        for rel, data, size in files:
+            for a, b in fn(rel, data, size):
+                chunks[blake3.blake3(data[a:b]).digest()] = b - a
+        stored = sum(chunks.values())
+        rows.append((name, stored, len(chunks)))
+    return logical, rows
+
+
+def main() -> None:
+    if len(sys.argv) > 1:
+        family = Path(sys.argv[1])
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+        import model_family
+
+        family = Path(tempfile.mkdtemp(prefix="mlfs-family-"))
+        for v in model_family.VARIANTS:
+            model_family.write_variant(model_family.base_model_dir(), family / v, v)
+    dirs = sorted(p for p in family.iterdir() if p.is_dir())
+    logical, rows = measure(dirs)
+    best = min(s for _, s, _ in rows)
+    cdc_objects = next((o for n, _, o in rows if "CDC" in n), None)
+    print(f"family: {', '.join(d.name for d in dirs)}; logical {logical / MiB:.1f} MiB")
+    print(f"{'strategy':<38} {'stored MiB':>10} {'dedup':>7} {'vs best':>8} {'objects':>8} {'vs CDC':>7}")
+    for name, stored, objects in rows:
+        vs_cdc = f"{objects / cdc_objects:.2f}x" if cdc_objects else "-"
+        print(f"{name:<38} {stored / MiB:>10.1f} {1 - stored / logical:>7.1%} "
+              f"{stored / best:>7.3f}x {objects:>8} {vs_cdc:>7}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()

@@ -1,0 +1,148 @@
+"""Where a file is cut into chunks.
+
+A chunk id is the blake3 of its bytes, so identical bytes cut at identical boundaries are stored
+once.  The boundaries therefore decide the dedup: we cut a safetensors file where its structure is
+(the header, then each tensor), because fine-tunes change whole tensors and leave others alone.
+
+- The header (8-byte length + JSON) is one chunk of its own.
+- A tensor larger than ``piece_size`` is cut into ``piece_size`` pieces counted from the tensor's own
+  start, so an embedding that grew by appended rows still shares all its old full pieces.
+- Consecutive tensors smaller than ``small`` are packed into one chunk up to ``pack_limit`` bytes:
+  a BERT layer has a dozen 1.5 KB LayerNorm/bias tensors and every chunk costs a store request.
+  Packs end at every large tensor, so a pack holds the small tensors of one layer and still
+  dedups at layer granularity (measured in docs/adr/0001-chunking.md).
+- Any other file, or a safetensors file whose header we reject, is cut into fixed pieces.
+
+Everything here is pure: bytes/sizes in, spans out.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+from .config import GENERIC_PIECE_SIZE, PACK_LIMIT, PIECE_SIZE, SMALL_POLICY, SMALL_TENSOR
+
+MAX_HEADER = 100 << 20
+
+
+class HeaderError(ValueError):
+    """The bytes do not start with a safetensors header we can trust."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    name: str
+    begin: int  # file offsets
+    end: int
+
+
+def parse_safetensors_header(prefix: bytes, file_size: int) -> tuple[int, list[Tensor]]:
+    """Parse the header at the start of a safetensors file.
+
+    *prefix* must hold at least the first ``8 + header_len`` bytes (``header_length`` tells how many).
+    Returns ``(data_start, tensors sorted by offset)``.  Raises :class:`HeaderError` for anything a
+    loader would reject or that would make our cut points wrong: bad length, bad JSON, offsets out
+    of range, overlapping tensors.
+    """
+    n = header_length(prefix, file_size)
+    if len(prefix) < 8 + n:
+        raise HeaderError("header truncated")
+    try:
+        doc = json.loads(prefix[8:8 + n])
+    except (ValueError, RecursionError) as e:
+        raise HeaderError(f"header is not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise HeaderError("header is not a JSON object")
+    data_start = 8 + n
+    data_size = file_size - data_start
+    tensors = []
+    for name, info in doc.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise HeaderError(f"tensor {name!r}: not an object")
+        offs = info.get("data_offsets")
+        if (not isinstance(offs, list) or len(offs) != 2
+                or not all(type(o) is int for o in offs) or not 0 <= offs[0] <= offs[1] <= data_size):
+            raise HeaderError(f"tensor {name!r}: bad data_offsets {offs!r}")
+        tensors.append(Tensor(name, data_start + offs[0], data_start + offs[1]))
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    for a, b in zip(tensors, tensors[1:]):
+        if b.begin < a.end:
+            raise HeaderError(f"tensors {a.name!r} and {b.name!r} overlap")
+    return data_start, tensors
+
+
+def header_length(prefix: bytes, file_size: int) -> int:
+    if file_size < 8 or len(prefix) < 8:
+        raise HeaderError("file shorter than 8 bytes")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n < 2 or n > MAX_HEADER or 8 + n > file_size:
+        raise HeaderError(f"header length {n} does not fit a {file_size}-byte file")
+    return n
+
+
+def fixed_spans(begin: int, end: int, piece: int) -> list[tuple[int, int]]:
+    """Cut ``[begin, end)`` into pieces of *piece* bytes counted from *begin*."""
+    return [(o, min(o + piece, end)) for o in range(begin, end, piece)]
+
+
+def generic_spans(size: int, piece: int = GENERIC_PIECE_SIZE) -> list[tuple[int, int]]:
+    return fixed_spans(0, size, piece)
+
+
+def safetensors_spans(data_start: int, tensors: list[Tensor], file_size: int, *,
+                      piece: int = PIECE_SIZE, small: int = SMALL_TENSOR,
+                      pack_limit: int = PACK_LIMIT, policy: str = SMALL_POLICY) -> list[tuple[int, int]]:
+    """Chunk spans covering ``[0, file_size)`` for a parsed safetensors file (see module doc).
+
+    *policy* says what happens to a run of consecutive tensors smaller than *small*:
+    ``"separate"`` gives each its own chunk, ``"pack"`` puts the run in one chunk (at most
+    *pack_limit* bytes), ``"glue"`` prepends the run to the first piece of the next large tensor
+    (or appends it to the last piece of the previous one at the end of the file).
+    """
+    spans: list[tuple[int, int]] = [(0, data_start)]
+    pos = data_start
+    run_start: int | None = None  # start of the pending run of small tensors
+
+    def flush_run(at: int) -> None:
+        nonlocal run_start
+        if run_start is not None and at > run_start:
+            spans.append((run_start, at))
+        run_start = None
+
+    for t in tensors:
+        if t.begin > pos:  # a gap safetensors would not write; keep its bytes anyway
+            flush_run(pos)
+            spans.extend(fixed_spans(pos, t.begin, piece))
+            pos = t.begin
+        size = t.end - t.begin
+        if size == 0:
+            continue
+        if size < small and policy != "separate":
+            if run_start is not None and t.end - run_start > pack_limit:
+                flush_run(t.begin)
+            if run_start is None:
+                run_start = t.begin
+            pos = t.end
+            continue
+        if size < small:
+            spans.append((t.begin, t.end))
+            pos = t.end
+            continue
+        pieces = fixed_spans(t.begin, t.end, piece)
+        if policy == "glue" and run_start is not None:
+            pieces[0] = (run_start, pieces[0][1])
+            run_start = None
+        flush_run(t.begin)
+        spans.extend(pieces)
+        pos = t.end
+    if policy == "glue" and run_start is not None and len(spans) > 1 and spans[-1][1] == run_start:
+        spans[-1] = (spans[-1][0], pos)
+        run_start = None
+    flush_run(pos)
+    if pos < file_size:
+        spans.extend(fixed_spans(pos, file_size, piece))
+    return spans

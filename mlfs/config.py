@@ -1,0 +1,58 @@
+"""Defaults and the ``MLFS_*`` environment variables, read in one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Tensors larger than this are cut into pieces of this size, aligned to the tensor's start
+#: (docs/adr/0001-chunking.md has the measurement behind the number).
+PIECE_SIZE = 4 << 20
+#: Consecutive tensors smaller than this are packed into one chunk ...
+SMALL_TENSOR = 64 << 10
+#: ... as long as the pack stays below this size.
+PACK_LIMIT = 1 << 20
+#: What happens to runs of small tensors: "separate", "pack" or "glue" (see chunking.py).
+SMALL_POLICY = "glue"
+#: Non-safetensors files are cut into pieces of this size.
+GENERIC_PIECE_SIZE = 4 << 20
+#: Largest chunk a manifest may reference (protects memory against hostile manifests).
+MAX_CHUNK_SIZE = 64 << 20
+
+#: Total time a store read may spend retrying before it is reported as failed (seconds).
+RETRY_DEADLINE = float(os.environ.get("MLFS_RETRY_DEADLINE", "20"))
+#: Per-request socket timeouts for S3 (seconds).
+S3_CONNECT_TIMEOUT = float(os.environ.get("MLFS_S3_CONNECT_TIMEOUT", "5"))
+S3_READ_TIMEOUT = float(os.environ.get("MLFS_S3_READ_TIMEOUT", "10"))
+
+#: Store used when ``--store`` is not given.
+DEFAULT_STORE = os.environ.get("MLFS_STORE")
+
+
+def default_cache_dir() -> Path:
+    """``$MLFS_CACHE_DIR``, else ``$XDG_CACHE_HOME/mlfs``, else ``~/.cache/mlfs``."""
+    if os.environ.get("MLFS_CACHE_DIR"):
+        return Path(os.environ["MLFS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlfs"
+
+
+DEFAULT_CACHE_SIZE = os.environ.get("MLFS_CACHE_SIZE", "20G")
+
+
+def parse_size(text: str) -> int:
+    """``"20G"``, ``"512M"``, ``"1.5GiB"``, ``"4096"`` → bytes (binary units)."""
+    from .errors import UsageError
+
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = 1
+    if t and t[-1] in "KMGT":
+        mult = 1 << (10 * ("KMGT".index(t[-1]) + 1))
+        t = t[:-1]
+    try:
+        value = float(t)
+    except ValueError:
+        raise UsageError(f"invalid size {text!r} (examples: 20G, 512M, 1048576)") from None
+    if value < 0:
+        raise UsageError(f"invalid size {text!r}: negative")
+    return int(value * mult)

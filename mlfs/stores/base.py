@@ -1,0 +1,165 @@
+"""The store abstraction: a flat key space holding chunks, manifests and aliases.
+
+Layout inside every store::
+
+    chunks/<first 2 hex>/<blake3 hex>     immutable, content-addressed
+    manifests/<id>/<version>.json         written last, after every chunk it names
+    aliases/<id>/<alias>                  a version name (issue 4)
+
+A backend implements five key-level primitives (``_get``, ``_put``, ``_head``, ``_list``,
+``_delete``) and says which of its exceptions are temporary (``is_temp_failure``); everything else —
+retries with backoff, the chunk/manifest conveniences — is written once here.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
+
+from .. import config
+from ..errors import ObjectNotFound, StoreError, StoreUnavailable
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch
+
+
+def chunk_key(chunk_id: str) -> str:
+    return f"chunks/{chunk_id[:2]}/{chunk_id}"
+
+
+def manifest_key(model_id: str, version: str) -> str:
+    return f"manifests/{model_id}/{version}.json"
+
+
+class Store(ABC):
+    """Base class of all stores.  Methods may be called from many threads at once."""
+
+    url: str
+    #: Counted by the retry loop; read by ``mlfs stats``.
+    retries: int = 0
+
+    # -- primitives -----------------------------------------------------------------------------
+    @abstractmethod
+    def _get(self, key: str) -> bytes:
+        """Whole object; raise ObjectNotFound if missing."""
+
+    @abstractmethod
+    def _put(self, key: str, data: bytes | memoryview) -> None:
+        """Atomically create or replace an object: readers see all of it or nothing."""
+
+    @abstractmethod
+    def _head(self, key: str) -> ObjectInfo | None:
+        """Size and mtime, or None if missing."""
+
+    @abstractmethod
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with *prefix* (paginated as the backend needs)."""
+
+    @abstractmethod
+    def _delete(self, key: str) -> None:
+        """Remove an object; missing is not an error."""
+
+    def is_temp_failure(self, exc: BaseException) -> bool:
+        """True if retrying *exc* may succeed (timeouts, 5xx, throttling, resets)."""
+        return isinstance(exc, StoreUnavailable)
+
+    def check(self) -> None:
+        """Raise a clear StoreError if the store does not exist or cannot be reached."""
+
+    def sync(self) -> None:
+        """Make every object written so far durable (called before a manifest is published)."""
+
+    def describe(self) -> str:
+        return self.url
+
+    # -- retries --------------------------------------------------------------------------------
+    def retry(self, fn: Callable[[], T], what: str, deadline: float | None = None) -> T:
+        """Call *fn* until it succeeds, fails permanently, or *deadline* seconds have passed.
+
+        Exponential backoff with full jitter (0.05 s doubling to 2 s).  A temporary failure left at
+        the deadline becomes StoreUnavailable naming *what*.
+        """
+        budget = config.RETRY_DEADLINE if deadline is None else deadline
+        end = time.monotonic() + budget
+        delay = 0.05
+        while True:
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - classified right below
+                if not self.is_temp_failure(e):
+                    raise
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise StoreUnavailable(
+                        f"{what}: store {self.describe()} kept failing for {budget:.0f}s "
+                        f"({_one_line(e)})") from None
+                self.retries += 1
+                time.sleep(min(left, random.uniform(0, delay)))
+                delay = min(delay * 2, 2.0)
+
+    # -- chunks ---------------------------------------------------------------------------------
+    def get_chunk(self, chunk_id: str, deadline: float | None = None) -> bytes:
+        """The chunk's bytes, unverified: callers check them against the id."""
+        return self.retry(lambda: self._get(chunk_key(chunk_id)), f"chunk {chunk_id[:16]}", deadline)
+
+    def has_chunk(self, chunk_id: str) -> bool:
+        return self.retry(lambda: self._head(chunk_key(chunk_id)), "head chunk") is not None
+
+    def put_chunk(self, chunk_id: str, data: bytes | memoryview) -> None:
+        self.retry(lambda: self._put(chunk_key(chunk_id), data), f"upload chunk {chunk_id[:16]}")
+
+    def list_chunks(self) -> Iterator[tuple[str, ObjectInfo]]:
+        for info in self._list("chunks/"):
+            name = info.key.rsplit("/", 1)[-1]
+            if len(name) == 64:
+                yield name, info
+
+    def delete_chunk(self, chunk_id: str) -> None:
+        self.retry(lambda: self._delete(chunk_key(chunk_id)), "delete chunk")
+
+    # -- manifests ------------------------------------------------------------------------------
+    def get_manifest_bytes(self, model_id: str, version: str) -> bytes:
+        try:
+            return self.retry(lambda: self._get(manifest_key(model_id, version)), "manifest")
+        except ObjectNotFound:
+            raise ObjectNotFound(
+                f"no manifest {model_id}@{version} in store {self.describe()}") from None
+
+    def put_manifest_bytes(self, model_id: str, version: str, data: bytes) -> None:
+        self.retry(lambda: self._put(manifest_key(model_id, version), data), "publish manifest")
+
+    def list_manifests(self) -> Iterator[tuple[str, str, ObjectInfo]]:
+        for info in self._list("manifests/"):
+            parts = info.key.split("/")
+            if len(parts) == 3 and parts[2].endswith(".json"):
+                yield parts[1], parts[2][:-5], info
+
+    def delete_manifest(self, model_id: str, version: str) -> None:
+        self.retry(lambda: self._delete(manifest_key(model_id, version)), "delete manifest")
+
+    # -- aliases --------------------------------------------------------------------------------
+    def get_alias(self, model_id: str, alias: str) -> str | None:
+        try:
+            return self.retry(lambda: self._get(f"aliases/{model_id}/{alias}"), "alias").decode().strip()
+        except ObjectNotFound:
+            return None
+
+    def put_alias(self, model_id: str, alias: str, version: str) -> None:
+        self.retry(lambda: self._put(f"aliases/{model_id}/{alias}", version.encode()), "set alias")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+__all__ = ["Store", "ObjectInfo", "StoreError", "chunk_key", "manifest_key"]
