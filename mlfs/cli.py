@@ -189,5 +189,142 @@ def export(manifest, dest_dir, store_url, endpoint_url, model_id, version):
                err=True)
 
 
+@main.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--manifest", "manifest_src", metavar="MANIFEST",
+              help="Manifest file, or ID@VERSION with --store.")
+@_manifest_args
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Chunk cache shared by all "
+              "mounts [default: $MLFS_CACHE_DIR or $XDG_CACHE_HOME/mlfs].")
+@click.option("--cache-size", default=config.DEFAULT_CACHE_SIZE, show_default=True,
+              help="Disk cache budget, e.g. 20G.")
+@click.option("--memory", default="256M", show_default=True,
+              help="In-memory chunk buffer budget (plus as much again for data in flight).")
+@click.option("--prefetch", type=click.Choice(["manifest", "all"]), default="manifest",
+              show_default=True, help="'all' warms the whole model in the background.")
+@click.option("--timeout", default=30.0, show_default=True,
+              help="Seconds after which a read of an unobtainable chunk fails with EIO.")
+@click.option("--allow-other", is_flag=True, help="Let other users (containers) see the mount.")
+@click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground.")
+@click.option("--log-file", type=click.Path(dir_okay=False), help="Daemon log [default: in the cache dir].")
+@click.option("--debug", is_flag=True, help="Verbose logging.")
+@click.option("--ready-fd", type=int, hidden=True)
+def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, cache_dir,
+          cache_size, memory, prefetch, timeout, allow_other, foreground, log_file, debug, ready_fd):
+    """Mount a model version read-only at MOUNTPOINT.
+
+    \b
+      mlfs mount --manifest minilm-v1.json /mnt/model
+      mlfs mount --store s3://models --id minilm --version v1 /mnt/model
+    """
+    import logging
+    from pathlib import Path
+
+    from .mount import MountOptions, check_mountpoint, serve, spawn
+    from .resolve import resolve
+
+    cache = Path(cache_dir) if cache_dir else config.default_cache_dir()
+    if not foreground:
+        check_mountpoint(mountpoint)
+        resolve(manifest_src, store_url, model_id=model_id, version=version,
+                endpoint_url=endpoint_url)  # fail fast, with the message in this terminal
+        logf = Path(log_file) if log_file else cache / "logs" / f"mount-{os.getpid()}.log"
+        pid = spawn(sys.argv[1:], mountpoint, logf)
+        click.echo(f"mounted at {mountpoint} (pid {pid}, log {logf})", err=True)
+        return
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, filename=log_file,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def ready(error):
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready" if error is None else f"error: {error}".encode())
+            os.close(ready_fd)
+
+    try:
+        m, store = resolve(manifest_src, store_url, model_id=model_id, version=version,
+                           endpoint_url=endpoint_url)
+        opts = MountOptions(cache_dir=cache, cache_size=config.parse_size(cache_size),
+                            allow_other=allow_other, prefetch_all=prefetch == "all",
+                            memory_bytes=config.parse_size(memory), timeout=timeout, debug=debug)
+        serve(m, store, mountpoint, opts, ready=ready)
+    except MlfsError as e:
+        ready(e)
+        raise
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path())
+@click.option("--lazy", "-z", is_flag=True, help="Detach now even if files are open.")
+def umount(mountpoint, lazy):
+    """Unmount an mlfs mount (also clears a mount whose process died)."""
+    from .mount import unmount
+
+    unmount(mountpoint, lazy)
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def stats(mountpoint, as_json):
+    """Counters of a running mount: bytes served and fetched, cache hits, errors, version."""
+    from .mount import read_stats
+
+    s = read_stats(mountpoint)
+    if as_json:
+        click.echo(json.dumps(s, indent=1))
+    else:
+        for k, v in s.items():
+            click.echo(f"{k:<22} {v}")
+
+
+@main.group()
+def cache():
+    """Inspect and maintain the shared chunk cache."""
+
+
+def _cache_opts(f):
+    f = click.option("--cache-size", default=config.DEFAULT_CACHE_SIZE, show_default=True,
+                     help="Budget to prune down to.")(f)
+    return click.option("--cache-dir", type=click.Path(file_okay=False),
+                        help="Cache directory [default: $XDG_CACHE_HOME/mlfs].")(f)
+
+
+def _open_cache(cache_dir, cache_size):
+    from pathlib import Path
+
+    from .cache import ChunkCache
+
+    return ChunkCache(Path(cache_dir) if cache_dir else config.default_cache_dir(),
+                      config.parse_size(cache_size))
+
+
+@cache.command("stats")
+@_cache_opts
+@click.option("--json", "as_json", is_flag=True)
+def cache_stats(cache_dir, cache_size, as_json):
+    """Chunks and bytes in the cache."""
+    from .report import human
+
+    s = _open_cache(cache_dir, cache_size).stats()
+    click.echo(json.dumps(s) if as_json else
+               f"{s['cache_dir']}: {s['chunks']} chunks, {human(s['bytes'])} of {human(s['max_bytes'])}")
+
+
+@cache.command("prune")
+@_cache_opts
+def cache_prune(cache_dir, cache_size):
+    """Evict down to --cache-size and repair the index."""
+    click.echo(json.dumps(_open_cache(cache_dir, cache_size).prune()))
+
+
+@cache.command("clear")
+@_cache_opts
+def cache_clear(cache_dir, cache_size):
+    """Remove every cached chunk (mounts refetch what they need)."""
+    n = _open_cache(cache_dir, cache_size).clear()
+    click.echo(f"removed {n} chunks", err=True)
+
+
 if __name__ == "__main__":
     main()

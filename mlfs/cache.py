@@ -1,0 +1,219 @@
+"""The on-disk chunk cache shared by every mount on a host.
+
+Layout of a cache directory::
+
+    chunks/<2 hex>/<blake3 hex>   one file per chunk, content-addressed
+    tmp/                          writers' unique temp files (renamed into chunks/)
+    index.db                      sqlite (WAL): id, size, last access — the LRU and the size budget
+
+Invariants, and why they hold with several processes at once:
+
+- A chunk file under ``chunks/`` was verified against its id before it was written, and it is
+  verified again every time it is loaded: a corrupt or truncated file (disk fault, a crash mid-way
+  through a write that the rename made visible) is detected, deleted and fetched again.
+  Wrong bytes are never served.
+- Files are written to a process-unique temp file and renamed into place, so two processes caching
+  the same chunk cost only duplicated work, never a torn file.
+- Admission and eviction happen in one ``BEGIN IMMEDIATE`` transaction of the shared index, so the
+  sum of indexed sizes never exceeds the budget, whatever the number of mounts.
+- Eviction unlinks files; a reader that already opened a chunk file keeps reading it (POSIX unlink
+  semantics), and loads read a whole chunk at once, so eviction never pulls a chunk from under a read.
+- A file present without an index row (a crash between rename and commit) is still valid content;
+  ``prune`` reconciles such strays.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import blake3
+import sqlite_utils
+
+from .errors import MlfsError
+
+
+class ChunkCache:
+    """Thread-safe: every thread gets its own sqlite connection."""
+
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.corrupt = 0  # corrupt files found (and removed) by this process
+        self.write_errors = 0
+        try:
+            (self.root / "chunks").mkdir(parents=True, exist_ok=True)
+            (self.root / "tmp").mkdir(exist_ok=True)
+        except OSError as e:
+            raise MlfsError(f"cannot create cache directory {self.root}: {e.strerror}") from None
+        self._local = threading.local()
+        db = self._db()
+        if "chunks" not in db.table_names():
+            try:
+                db["chunks"].create({"id": str, "size": int, "atime": float}, pk="id",
+                                    if_not_exists=True)
+                db["chunks"].create_index(["atime"], if_not_exists=True)
+            except sqlite3.OperationalError:
+                pass  # another process created it first
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(self.root / "index.db", timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # the index is a cache: WAL without fsync
+            db = sqlite_utils.Database(conn)
+            self._local.db = db
+        return db
+
+    def path(self, chunk_id: str) -> Path:
+        return self.root / "chunks" / chunk_id[:2] / chunk_id
+
+    # -- reads ----------------------------------------------------------------------------------
+    def get(self, chunk_id: str, size: int) -> bytes | None:
+        """The verified chunk, or None if absent or found corrupt (then it is removed)."""
+        try:
+            with open(self.path(chunk_id), "rb") as f:
+                data = f.read(size + 1)
+        except OSError:
+            return None
+        if len(data) != size or blake3.blake3(data).hexdigest() != chunk_id:
+            self.corrupt += 1
+            self._remove(chunk_id)
+            return None
+        try:
+            self._db().execute("UPDATE chunks SET atime = ? WHERE id = ?", [time.time(), chunk_id])
+        except sqlite3.Error:
+            pass  # an LRU hint only
+        return data
+
+    def contains(self, chunk_id: str) -> bool:
+        return self.path(chunk_id).exists()
+
+    # -- writes ---------------------------------------------------------------------------------
+    def put(self, chunk_id: str, data: bytes) -> bool:
+        """Admit a chunk the caller already verified; evict least recently used chunks to make room.
+
+        Returns False (and caches nothing) if the chunk can never fit or the disk refuses the write;
+        the caller then serves the bytes without caching them.
+        """
+        size = len(data)
+        if size > self.max_bytes:
+            return False
+        final = self.path(chunk_id)
+        tmp = self.root / "tmp" / f"{chunk_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        except OSError:
+            self.write_errors += 1
+            tmp.unlink(missing_ok=True)
+            return False
+        db = self._db()
+        victims: list[str] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if db.execute("SELECT 1 FROM chunks WHERE id = ?", [chunk_id]).fetchone():
+                    db.execute("COMMIT")
+                    tmp.unlink(missing_ok=True)
+                    return True
+                total = db.execute("SELECT COALESCE(SUM(size), 0) FROM chunks").fetchone()[0]
+                excess = total + size - self.max_bytes
+                if excess > 0:
+                    for vid, vsize in db.execute("SELECT id, size FROM chunks ORDER BY atime"):
+                        victims.append(vid)
+                        excess -= vsize
+                        if excess <= 0:
+                            break
+                    for vid in victims:
+                        db.execute("DELETE FROM chunks WHERE id = ?", [vid])
+                        self.path(vid).unlink(missing_ok=True)
+                final.parent.mkdir(exist_ok=True)
+                os.replace(tmp, final)
+                db.execute("INSERT INTO chunks (id, size, atime) VALUES (?, ?, ?)",
+                           [chunk_id, size, time.time()])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except (OSError, sqlite3.Error):
+            self.write_errors += 1
+            tmp.unlink(missing_ok=True)
+            return False
+        return True
+
+    def _remove(self, chunk_id: str) -> None:
+        self.path(chunk_id).unlink(missing_ok=True)
+        try:
+            self._db().execute("DELETE FROM chunks WHERE id = ?", [chunk_id])
+        except sqlite3.Error:
+            pass
+
+    # -- maintenance (mlfs cache ...) -----------------------------------------------------------
+    def stats(self) -> dict:
+        db = self._db()
+        count, total = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM chunks").fetchone()
+        return {"cache_dir": str(self.root), "chunks": count, "bytes": total,
+                "max_bytes": self.max_bytes}
+
+    def prune(self) -> dict:
+        """Evict down to ``max_bytes``, drop index rows without files, index stray files, and
+        remove temp files left by dead writers.  Returns what was done."""
+        db = self._db()
+        removed_rows = stray = tmp_removed = 0
+        for (cid,) in list(db.execute("SELECT id FROM chunks")):
+            if not self.path(cid).exists():
+                db.execute("DELETE FROM chunks WHERE id = ?", [cid])
+                removed_rows += 1
+        indexed = {cid for (cid,) in db.execute("SELECT id FROM chunks")}
+        for sub in (self.root / "chunks").iterdir():
+            for f in sub.iterdir():
+                if f.name not in indexed:
+                    data = f.read_bytes()
+                    if blake3.blake3(data).hexdigest() == f.name and self.put(f.name, data):
+                        stray += 1
+                    else:
+                        f.unlink(missing_ok=True)
+        cutoff = time.time() - 3600
+        for f in (self.root / "tmp").iterdir():
+            try:
+                if f.stat().st_mtime < cutoff:
+                    f.unlink()
+                    tmp_removed += 1
+            except FileNotFoundError:
+                pass
+        evicted = self.shrink(self.max_bytes)
+        return {"evicted": evicted, "dangling_rows": removed_rows, "strays_indexed": stray,
+                "temp_files_removed": tmp_removed, **self.stats()}
+
+    def shrink(self, target: int) -> int:
+        db = self._db()
+        n = 0
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            total = db.execute("SELECT COALESCE(SUM(size), 0) FROM chunks").fetchone()[0]
+            for vid, vsize in list(db.execute("SELECT id, size FROM chunks ORDER BY atime")):
+                if total <= target:
+                    break
+                db.execute("DELETE FROM chunks WHERE id = ?", [vid])
+                self.path(vid).unlink(missing_ok=True)
+                total -= vsize
+                n += 1
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return n
+
+    def clear(self) -> int:
+        n = self.shrink(0)
+        for sub in (self.root / "chunks").iterdir():
+            shutil.rmtree(sub, ignore_errors=True)
+        return n

@@ -1,0 +1,205 @@
+"""Where a mount's chunk bytes come from: memory → disk cache → store (trio side).
+
+- A bounded in-memory LRU of recently used chunks answers most FUSE reads without a thread hop
+  (the kernel reads a 4 MiB chunk in 128 KiB–1 MiB requests).
+- Single flight: however many readers want a chunk, it is loaded or fetched once; the others wait
+  for the same result.
+- Blocking work (cache file reads, store GETs, blake3) runs in threads under limiters: ``fetch_limit``
+  concurrent store requests for readers; background warming (``--prefetch all``) takes at most
+  ``background_limit`` of them, so reads jump its queue.
+- A global byte budget bounds the data in flight (fetched but not yet in the LRU), whatever the number
+  of open files: memory is ``memory_bytes + inflight_bytes`` at most, plus Python's overhead.
+- Every chunk from the store is verified against its id before it is served or cached; the disk
+  cache verifies on load.  A chunk that cannot be had raises StoreError after the store's retry
+  deadline; the caller turns it into EIO.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import blake3
+import trio
+
+from .cache import ChunkCache
+from .errors import CorruptChunk, MlfsError, StoreError
+from .stores import Store
+
+log = logging.getLogger("mlfs.fetch")
+
+
+@dataclass
+class Counters:
+    bytes_served: int = 0
+    bytes_fetched: int = 0
+    chunks_fetched: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    memory_hits: int = 0
+    fetch_errors: int = 0
+    corrupt_chunks: int = 0
+    uncached_chunks: int = 0  # fetched but not admitted to the disk cache (full, unwritable)
+    prefetched_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class ByteBudget:
+    """A counting semaphore measured in bytes (a request larger than the budget waits for all)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = trio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        n = min(n, self.limit)
+        async with self._cond:
+            while self.used + n > self.limit:
+                await self._cond.wait()
+            self.used += n
+
+    async def release(self, n: int) -> None:
+        n = min(n, self.limit)
+        async with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class _Flight:
+    __slots__ = ("event", "data", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class ChunkSource:
+    def __init__(self, store: Store | None, cache: ChunkCache, *, memory_bytes: int = 256 << 20,
+                 inflight_bytes: int = 256 << 20, fetch_limit: int = 16,
+                 background_limit: int = 4, timeout: float = 30.0) -> None:
+        self.store = store
+        self.cache = cache
+        self.counters = Counters()
+        self.memory_bytes = memory_bytes
+        self._lru: OrderedDict[str, bytes] = OrderedDict()
+        self._lru_size = 0
+        self._flights: dict[str, _Flight] = {}
+        self._fetch_limiter = trio.CapacityLimiter(fetch_limit)
+        self._disk_limiter = trio.CapacityLimiter(4)
+        self._background = trio.CapacityLimiter(background_limit)
+        self._budget = ByteBudget(inflight_bytes)
+        self.timeout = timeout
+
+    # -- memory LRU (trio thread only) -----------------------------------------------------------
+    def peek(self, chunk_id: str) -> bytes | None:
+        data = self._lru.get(chunk_id)
+        if data is not None:
+            self._lru.move_to_end(chunk_id)
+        return data
+
+    def _remember(self, chunk_id: str, data: bytes) -> None:
+        if chunk_id in self._lru or len(data) > self.memory_bytes:
+            return
+        self._lru[chunk_id] = data
+        self._lru_size += len(data)
+        while self._lru_size > self.memory_bytes:
+            _, old = self._lru.popitem(last=False)
+            self._lru_size -= len(old)
+
+    def in_flight(self, chunk_id: str) -> bool:
+        return chunk_id in self._flights
+
+    # -- the one entry point ---------------------------------------------------------------------
+    async def get(self, chunk_id: str, size: int, *, background: bool = False) -> bytes:
+        """The verified bytes of a chunk.  Raises MlfsError (StoreError, CorruptChunk...)."""
+        data = self.peek(chunk_id)
+        if data is not None:
+            self.counters.memory_hits += 1
+            self.counters.cache_hits += 1
+            return data
+        flight = self._flights.get(chunk_id)
+        if flight is None:
+            flight = _Flight()
+            self._flights[chunk_id] = flight
+            try:
+                with trio.fail_after(self.timeout):
+                    flight.data = await self._load(chunk_id, size, background)
+                self._remember(chunk_id, flight.data)
+            except trio.TooSlowError:
+                flight.error = StoreError(f"chunk {chunk_id[:16]}: no answer within {self.timeout:.0f}s")
+                self.counters.fetch_errors += 1
+            except MlfsError as e:
+                flight.error = e
+            except OSError as e:  # unexpected local I/O failure: still an I/O error for the reader
+                flight.error = StoreError(f"chunk {chunk_id[:16]}: {e}")
+                self.counters.fetch_errors += 1
+            finally:
+                del self._flights[chunk_id]
+                flight.event.set()
+        else:
+            await flight.event.wait()
+        if flight.error is not None:
+            raise flight.error
+        assert flight.data is not None
+        return flight.data
+
+    async def _load(self, chunk_id: str, size: int, background: bool) -> bytes:
+        async with self._disk_limiter:
+            data = await trio.to_thread.run_sync(self.cache.get, chunk_id, size)
+        if data is not None:
+            self.counters.cache_hits += 1
+            return data
+        self.counters.cache_misses += 1
+        if self.store is None:
+            raise StoreError(f"chunk {chunk_id[:16]} is not cached and no store is configured")
+        await self._budget.acquire(size)
+        try:
+            if background:
+                async with self._background:
+                    return await self._fetch(chunk_id, size)
+            return await self._fetch(chunk_id, size)
+        finally:
+            await self._budget.release(size)
+
+    async def _fetch(self, chunk_id: str, size: int) -> bytes:
+        async with self._fetch_limiter:
+            return await trio.to_thread.run_sync(self._fetch_sync, chunk_id, size,
+                                                 abandon_on_cancel=True)
+
+    def _fetch_sync(self, chunk_id: str, size: int) -> bytes:
+        """In a worker thread: GET (with retries), verify, admit to the disk cache."""
+        c = self.counters
+        try:
+            data = self.store.get_chunk(chunk_id, deadline=max(1.0, self.timeout - 12))
+        except StoreError:
+            c.fetch_errors += 1
+            raise
+        if len(data) != size or blake3.blake3(data).hexdigest() != chunk_id:
+            c.corrupt_chunks += 1
+            c.fetch_errors += 1
+            # One more try: a body damaged in transit is not a corrupt object.
+            data = self.store.get_chunk(chunk_id, deadline=max(1.0, self.timeout - 12))
+            if len(data) != size or blake3.blake3(data).hexdigest() != chunk_id:
+                raise CorruptChunk(f"chunk {chunk_id[:16]} in {self.store.describe()} is corrupt")
+        c.chunks_fetched += 1
+        c.bytes_fetched += size
+        if not self.cache.put(chunk_id, data):
+            c.uncached_chunks += 1
+        return data
+
+    def snapshot(self) -> dict:
+        c = self.counters
+        return {
+            "bytes_served": c.bytes_served, "bytes_fetched": c.bytes_fetched,
+            "chunks_fetched": c.chunks_fetched, "cache_hits": c.cache_hits,
+            "cache_misses": c.cache_misses, "memory_hits": c.memory_hits,
+            "fetch_errors": c.fetch_errors, "corrupt_chunks": c.corrupt_chunks,
+            "corrupt_cache_files": self.cache.corrupt, "uncached_chunks": c.uncached_chunks,
+            "cache_write_errors": self.cache.write_errors,
+            "retries": self.store.retries if self.store else 0,
+            "prefetched_bytes": c.prefetched_bytes,
+            "memory_bytes": self._lru_size, "inflight_bytes": self._budget.used,
+        }

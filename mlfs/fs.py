@@ -1,0 +1,232 @@
+"""The FUSE operations: a thin, read-only view of a :class:`Tree` backed by a :class:`ChunkSource`.
+
+pyfuse3's contract is that a handler raises nothing but ``FUSEError``; anything else would kill the
+mount.  ``_guard`` is the one place where our exceptions become an errno (and get logged).
+
+Files never change under an inode, so opens keep the kernel page cache (``keep_cache``) and entries
+and attributes are cached by the kernel for an hour: ``stat``/``ls`` are answered from the tree in
+memory and never touch the network.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from .errors import MlfsError
+from .fetch import ChunkSource
+from .manifest import FileEntry
+from .tree import ROOT_INODE, Node, Tree, chunk_slices
+
+log = logging.getLogger("mlfs.fs")
+
+STATS_XATTR = b"user.mlfs.stats"
+TIMEOUT = 3600.0
+READAHEAD_MIN = 8 << 20
+READAHEAD_MAX = 64 << 20
+
+
+def _guard(fn):
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except MlfsError as e:
+            log.error("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception:  # noqa: BLE001 - a bug must cost one request, not the mount
+            log.exception("internal error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+@dataclass(slots=True)
+class Handle:
+    node: Node
+    entry: FileEntry
+    next_offset: int = 0  # where a sequential reader reads next
+    window: int = READAHEAD_MIN
+    ahead_until: int = 0  # file offset up to which read-ahead was scheduled
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tree: Tree, source: ChunkSource, info: dict | None = None) -> None:
+        super().__init__()
+        self.tree = tree
+        self.source = source
+        self.info = info or {}
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.nursery: trio.Nursery | None = None  # set by mount.py: background work lives here
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+
+    # -- attributes -----------------------------------------------------------------------------
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode
+        a.generation = 0
+        a.entry_timeout = TIMEOUT
+        a.attr_timeout = TIMEOUT
+        a.st_mode = node.mode
+        a.st_nlink = 2 + sum(1 for n in node.children.values() if self.tree.nodes[n].is_dir) \
+            if node.is_dir else 1
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_size = node.size if not node.is_dir else 0
+        a.st_blksize = 1 << 20
+        a.st_blocks = (a.st_size + 511) // 512
+        t = self.tree.mtime_ns
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = t
+        return a
+
+    def _node(self, inode: int) -> Node:
+        node = self.tree.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    @_guard
+    async def getattr(self, inode, ctx=None):
+        return self._attr(self._node(inode))
+
+    @_guard
+    async def lookup(self, parent_inode, name, ctx=None):
+        node = self.tree.lookup(parent_inode, os.fsdecode(name))
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(node)
+
+    @_guard
+    async def opendir(self, inode, ctx):
+        if not self._node(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_guard
+    async def readdir(self, fh, start_id, token):
+        node = self._node(fh)
+        for i in range(start_id, len(node.names)):
+            child = self.tree.nodes[node.children[node.names[i]]]
+            if not pyfuse3.readdir_reply(token, os.fsencode(child.name), self._attr(child), i + 1):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    @_guard
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        total = sum(f.size for f in self.tree.manifest.files)
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = (total + 4095) // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.tree.nodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- xattrs: the control channel that adds nothing to directory listings ----------------------
+    @_guard
+    async def getxattr(self, inode, name, ctx):
+        if inode == ROOT_INODE and name == STATS_XATTR:
+            return json.dumps(self.stats()).encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode, ctx):
+        return []
+
+    def stats(self) -> dict:
+        m = self.tree.manifest
+        return {**self.info, "id": m.id, "version": m.version, "digest": m.digest,
+                **self.source.snapshot(), "open_files": len(self.handles)}
+
+    # -- files ----------------------------------------------------------------------------------
+    @_guard
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(node, node.entry)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    @_guard
+    async def read(self, fh, off, size):
+        h = self.handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        entry = h.entry
+        slices = chunk_slices(entry, off, size)
+        if not slices:
+            return b""
+        self._readahead(h, off, off + size)
+        parts = []
+        for i, a, b in slices:
+            cid = entry.chunk_ids[i]
+            data = self.source.peek(cid)
+            if data is None:
+                try:
+                    data = await self.source.get(cid, entry.chunk_sizes[i])
+                except MlfsError as e:
+                    log.error("read %s at %d: chunk %d (%s): %s", entry.path, off, i, cid[:16], e)
+                    raise pyfuse3.FUSEError(e.errno) from None
+            else:
+                self.source.counters.memory_hits += 1
+                self.source.counters.cache_hits += 1
+            parts.append(data[a:b] if (a, b) != (0, len(data)) else data)
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.source.counters.bytes_served += len(out)
+        return out
+
+    def _readahead(self, h: Handle, start: int, end: int) -> None:
+        """On sequential access, keep chunks up to ``window`` bytes ahead of the reader loading."""
+        if start == h.next_offset or start <= h.ahead_until and start >= h.next_offset - (4 << 20):
+            target = min(end + h.window, h.entry.size)
+            if target > h.ahead_until and self.nursery is not None:
+                begin = max(end, h.ahead_until)
+                for i, _, _ in chunk_slices(h.entry, begin, target - begin):
+                    cid = h.entry.chunk_ids[i]
+                    if self.source.peek(cid) is None and not self.source.in_flight(cid):
+                        self.nursery.start_soon(self._prefetch, cid, h.entry.chunk_sizes[i])
+                h.ahead_until = target
+                h.window = min(h.window * 2, READAHEAD_MAX)
+        else:
+            h.window = READAHEAD_MIN
+            h.ahead_until = end
+        h.next_offset = end
+
+    async def _prefetch(self, cid: str, size: int, background: bool = False) -> None:
+        try:
+            await self.source.get(cid, size, background=background)
+            if background:
+                self.source.counters.prefetched_bytes += size
+        except MlfsError as e:
+            log.warning("prefetch of chunk %s failed: %s", cid[:16], e)
+
+    async def release(self, fh):
+        self.handles.pop(fh, None)
+
+    async def flush(self, fh):
+        pass
+
+    async def access(self, inode, mode, ctx):
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True

@@ -1,0 +1,239 @@
+"""Wiring a mount: manifest → tree, store → cache → chunk source → Operations → pyfuse3 main loop.
+
+``serve`` runs in the foreground process; ``spawn`` starts it in a daemon process and returns once
+the mount is ready (or reports the error the daemon hit before readiness).  Readiness means: the
+manifest's prefetch files (and every safetensors header) are in the cache, and the kernel mount is
+up.  SIGTERM, SIGINT and SIGHUP unmount cleanly.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .cache import ChunkCache
+from .errors import MlfsError, MountError
+from .fetch import ChunkSource
+from .fs import STATS_XATTR, Operations
+from .generate import match_prefetch
+from .manifest import Manifest
+from .stores import Store
+from .tree import Tree
+
+log = logging.getLogger("mlfs.mount")
+
+#: Kernel read-ahead for the mount (KiB) and FUSE's async request window; both are best-effort
+#: (root only) and make sequential and mmap reads stream instead of crawling 128 KiB at a time.
+READ_AHEAD_KB = 16 << 10
+MAX_BACKGROUND = 64
+
+
+@dataclass
+class MountOptions:
+    cache_dir: Path
+    cache_size: int
+    allow_other: bool = False
+    prefetch_all: bool = False
+    memory_bytes: int = 256 << 20
+    timeout: float = 30.0
+    debug: bool = False
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} does not exist or is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point (mlfs umount {mountpoint} first)")
+
+
+def prefetch_set(manifest: Manifest) -> list[tuple[str, int, str]]:
+    """Chunks to cache before the mount is ready: prefetch patterns + every safetensors header."""
+    out: dict[str, tuple[str, int, str]] = {}
+    for f in manifest.files:
+        if match_prefetch(manifest.prefetch, f.path):
+            for cid, size in zip(f.chunk_ids, f.chunk_sizes):
+                out[cid] = (cid, size, f.path)
+        elif f.tensors is not None and f.chunk_ids:
+            out[f.chunk_ids[0]] = (f.chunk_ids[0], f.chunk_sizes[0], f.path)
+    return list(out.values())
+
+
+async def _warm(source: ChunkSource, chunks: list[tuple[str, int, str]], background: bool) -> None:
+    """Load *chunks* into the cache with bounded concurrency; raise the first failure."""
+    errors: list[BaseException] = []
+
+    async def one(cid: str, size: int, path: str) -> None:
+        try:
+            await source.get(cid, size, background=background)
+            if background:
+                source.counters.prefetched_bytes += size
+        except MlfsError as e:
+            errors.append(MlfsError(f"cannot fetch {path} (chunk {cid[:16]}): {e}"))
+
+    limiter = trio.CapacityLimiter(16)
+
+    async def bounded(*args):
+        async with limiter:
+            await one(*args)
+
+    async with trio.open_nursery() as n:
+        for item in chunks:
+            n.start_soon(bounded, *item)
+    if errors:
+        raise errors[0]
+
+
+def _tune_kernel(mountpoint: str) -> dict:
+    """Raise the bdi read-ahead and FUSE's background request limit for this mount (root only)."""
+    done = {}
+    try:
+        st = os.stat(mountpoint)
+        major, minor = os.major(st.st_dev), os.minor(st.st_dev)
+        conn = "/sys/fs/fuse/connections"
+        if os.path.isdir(conn) and not os.listdir(conn):  # fusectl not mounted yet
+            subprocess.run(["mount", "-t", "fusectl", "none", conn], capture_output=True)
+        for path, value, key in (
+                (f"/sys/class/bdi/{major}:{minor}/read_ahead_kb", READ_AHEAD_KB, "read_ahead_kb"),
+                (f"/sys/fs/fuse/connections/{minor}/max_background", MAX_BACKGROUND, "max_background"),
+                (f"/sys/fs/fuse/connections/{minor}/congestion_threshold", MAX_BACKGROUND * 3 // 4,
+                 "congestion_threshold")):
+            try:
+                with open(path, "w") as f:
+                    f.write(str(value))
+                done[key] = value
+            except OSError as e:
+                log.info("cannot set %s: %s", path, e.strerror)
+    except OSError as e:
+        log.info("kernel tuning skipped: %s", e)
+    return done
+
+
+def serve(manifest: Manifest, store: Store | None, mountpoint: str, opts: MountOptions,
+          ready=None) -> None:
+    """Mount and serve until unmounted or signalled.  *ready(error_or_None)* is called once."""
+    mountpoint = os.path.abspath(mountpoint)
+    check_mountpoint(mountpoint)
+    cache = ChunkCache(opts.cache_dir, opts.cache_size)
+    source = ChunkSource(store, cache, memory_bytes=opts.memory_bytes, timeout=opts.timeout)
+    tree = Tree(manifest)
+    info = {"mountpoint": mountpoint, "store": store.describe() if store else None,
+            "cache_dir": str(opts.cache_dir), "cache_size": opts.cache_size, "pid": os.getpid()}
+    ops = Operations(tree, source, info)
+
+    # Before the kernel mount: the prefetch set must be cached (a store that is down or a chunk
+    # that is missing fails the mount here, with a clear error, not the first read later).
+    trio.run(_warm, source, prefetch_set(manifest), False)
+
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname=mlfs:{manifest.id}@{manifest.version}", "subtype=mlfs", "ro", "nosuid",
+                "nodev"}
+    if opts.allow_other:
+        options.add("allow_other")
+    if opts.debug:
+        options.add("debug")
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except RuntimeError as e:
+        raise MountError(f"cannot mount {mountpoint}: {e}") from None
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            ops.nursery = nursery
+            nursery.start_soon(_signals, nursery)
+            nursery.start_soon(_fuse_loop, nursery)
+            info["kernel"] = await trio.to_thread.run_sync(_tune_kernel, mountpoint)
+            if ready:
+                ready(None)
+            if opts.prefetch_all:
+                nursery.start_soon(_warm_all, source, manifest)
+
+    async def _fuse_loop(nursery: trio.Nursery) -> None:
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()  # unmounted from outside: stop background work too
+
+    async def _signals(nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                log.info("signal %s: unmounting", sig)
+                pyfuse3.terminate()
+                nursery.cancel_scope.cancel()
+                return
+
+    try:
+        trio.run(main)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+async def _warm_all(source: ChunkSource, manifest: Manifest) -> None:
+    chunks: dict[str, tuple[str, int, str]] = {}
+    for f in manifest.files:
+        for cid, size in zip(f.chunk_ids, f.chunk_sizes):
+            chunks.setdefault(cid, (cid, size, f.path))
+    try:
+        await _warm(source, list(chunks.values()), True)
+        log.info("prefetch all: done")
+    except MlfsError as e:
+        log.warning("prefetch all: %s", e)
+
+
+# -- daemon mode ---------------------------------------------------------------------------------
+def spawn(argv: list[str], mountpoint: str, log_file: Path, timeout: float = 300) -> int:
+    """Run ``mlfs mount --foreground ... --ready-fd N`` detached; return its pid once ready."""
+    r, w = os.pipe()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "mlfs", *argv, "--foreground",
+                                 "--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
+                                stdout=logf, stderr=logf, start_new_session=True)
+    os.close(w)
+    msg = b""
+    deadline = time.monotonic() + timeout
+    with os.fdopen(r, "rb") as pipe:
+        while time.monotonic() < deadline:
+            chunk = pipe.read(4096)
+            if not chunk:
+                break
+            msg += chunk
+    text = msg.decode(errors="replace").strip()
+    if text == "ready":
+        return proc.pid
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    raise MountError(text.removeprefix("error: ") or f"mount process exited ({proc.returncode}); "
+                     f"see {log_file}")
+
+
+def read_stats(mountpoint: str) -> dict:
+    import json
+
+    try:
+        return json.loads(os.getxattr(mountpoint, STATS_XATTR.decode()))
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, getattr(errno, "ENOATTR", errno.ENODATA)):
+            raise MlfsError(f"{mountpoint} is not an mlfs mount") from None
+        raise MlfsError(f"cannot read stats of {mountpoint}: {e.strerror}") from None
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        p = subprocess.run(["umount", *(["-l"] if lazy else []), mountpoint], capture_output=True,
+                           text=True)
+    if p.returncode != 0:
+        err = (p.stderr or p.stdout).strip().splitlines()
+        raise MountError(f"cannot unmount {mountpoint}: {err[-1] if err else 'failed'}")
