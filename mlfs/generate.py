@@ -157,38 +157,46 @@ def generate(model_dir: str | os.PathLike[str], store: Store, model_id: str, ver
             counters["new_chunks"] += 1
             counters["new_bytes"] += len(view)
 
-    def chunk_task(view: memoryview) -> tuple[str, int]:
+    def chunk_task(data, a: int, b: int) -> tuple[str, int]:
         try:
-            cid = blake3.blake3(view).hexdigest()
-            with seen_lock:
-                fut = seen.get(cid)
-                owner = fut is None
-                if owner:
-                    fut = Future()
-                    seen[cid] = fut
-            if owner:
-                try:
-                    store_chunk(cid, view)
-                    fut.set_result(None)
-                except BaseException as e:
-                    fut.set_exception(e)
-                    raise
-            else:
-                fut.result()
-            if progress:
-                progress(len(view))
-            return cid, len(view)
+            with memoryview(data) as whole, whole[a:b] as view:
+                return chunk_work(view)
         finally:
             slots.release()
 
-    def tensor_hash(view: memoryview) -> str:
-        return blake3.blake3(view).hexdigest()[:16]
+    def chunk_work(view: memoryview) -> tuple[str, int]:
+        """Hash one chunk and store it unless this run or the store already has it."""
+        cid = blake3.blake3(view).hexdigest()
+        with seen_lock:
+            fut = seen.get(cid)
+            owner = fut is None
+            if owner:
+                fut = Future()
+                seen[cid] = fut
+        if owner:
+            try:
+                store_chunk(cid, view)
+                fut.set_result(None)
+            except BaseException as e:
+                fut.set_exception(e)
+                raise
+        else:
+            fut.result()
+        if progress:
+            progress(len(view))
+        return cid, len(view)
 
-    def file_hash(view: memoryview | bytes) -> str:
+    def tensor_hash(data, a: int, b: int) -> str:
+        with memoryview(data) as whole, whole[a:b] as view:
+            return blake3.blake3(view).hexdigest()[:16]
+
+    def file_hash(data) -> str:
         h = blake3.blake3()
         step = 16 << 20
-        for off in range(0, len(view), step):
-            h.update(view[off:off + step])
+        with memoryview(data) as whole:
+            for off in range(0, len(whole), step):
+                with whole[off:off + step] as view:
+                    h.update(view)
         return h.hexdigest()
 
     result_files: list[mf.FileEntry] = []
@@ -206,23 +214,19 @@ def generate(model_dir: str | os.PathLike[str], store: Store, model_id: str, ver
                 except OSError as e:
                     raise GenerateError(f"cannot read {rel}: {e.strerror}") from None
                 try:
-                    view = memoryview(data)
-                    try:
-                        spans, tensors, warning = plan_spans(rel, data, size)
-                        if warning:
-                            warnings.append(warning)
-                        whole = pool.submit(file_hash, view)
-                        futures = []
-                        for a, b in spans:
-                            slots.acquire()
-                            futures.append(pool.submit(chunk_task, view[a:b]))
-                        tfuts = [(name, a, b, pool.submit(tensor_hash, view[a:b]))
-                                 for name, a, b in tensors or []]
-                        refs = [f.result() for f in futures]
-                        tinfo = {name: (a, b, f.result()) for name, a, b, f in tfuts}
-                        digest = whole.result()
-                    finally:
-                        view.release()
+                    spans, tensors, warning = plan_spans(rel, data, size)
+                    if warning:
+                        warnings.append(warning)
+                    whole = pool.submit(file_hash, data)
+                    futures = []
+                    for a, b in spans:
+                        slots.acquire()
+                        futures.append(pool.submit(chunk_task, data, a, b))
+                    tfuts = [(name, a, b, pool.submit(tensor_hash, data, a, b))
+                             for name, a, b in tensors or []]
+                    refs = [f.result() for f in futures]
+                    tinfo = {name: (a, b, f.result()) for name, a, b, f in tfuts}
+                    digest = whole.result()
                 except OSError as e:  # an I/O error surfacing while the mapped pages are read
                     raise GenerateError(f"cannot read {rel}: {e.strerror or e}") from None
                 finally:
