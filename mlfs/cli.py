@@ -204,13 +204,15 @@ def export(manifest, dest_dir, store_url, endpoint_url, model_id, version):
               show_default=True, help="'all' warms the whole model in the background.")
 @click.option("--timeout", default=30.0, show_default=True,
               help="Seconds after which a read of an unobtainable chunk fails with EIO.")
+@click.option("--read-ahead", default="1M", show_default=True,
+              help="Kernel read-ahead of the mount (larger streams faster, smaller stays lazier).")
 @click.option("--allow-other", is_flag=True, help="Let other users (containers) see the mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Daemon log [default: in the cache dir].")
 @click.option("--debug", is_flag=True, help="Verbose logging.")
 @click.option("--ready-fd", type=int, hidden=True)
 def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, cache_dir,
-          cache_size, memory, prefetch, timeout, allow_other, foreground, log_file, debug, ready_fd):
+          cache_size, memory, prefetch, timeout, read_ahead, allow_other, foreground, log_file, debug, ready_fd):
     """Mount a model version read-only at MOUNTPOINT.
 
     \b
@@ -246,7 +248,8 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
                            endpoint_url=endpoint_url)
         opts = MountOptions(cache_dir=cache, cache_size=config.parse_size(cache_size),
                             allow_other=allow_other, prefetch_all=prefetch == "all",
-                            memory_bytes=config.parse_size(memory), timeout=timeout, debug=debug)
+                            memory_bytes=config.parse_size(memory), timeout=timeout,
+                            read_ahead_kb=config.parse_size(read_ahead) // 1024, debug=debug)
         serve(m, store, mountpoint, opts, ready=ready)
     except MlfsError as e:
         ready(e)

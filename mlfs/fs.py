@@ -29,7 +29,7 @@ log = logging.getLogger("mlfs.fs")
 
 STATS_XATTR = b"user.mlfs.stats"
 TIMEOUT = 3600.0
-READAHEAD_MIN = 8 << 20
+READAHEAD_MIN = 1 << 20
 READAHEAD_MAX = 64 << 20
 
 
@@ -54,7 +54,7 @@ class Handle:
     node: Node
     entry: FileEntry
     next_offset: int = 0  # where a sequential reader reads next
-    window: int = READAHEAD_MIN
+    streak: int = 0  # bytes read sequentially so far
     ahead_until: int = 0  # file offset up to which read-ahead was scheduled
 
 
@@ -173,6 +173,8 @@ class Operations(pyfuse3.Operations):
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         entry = h.entry
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("read %s fh=%d off=%d size=%d", entry.path, fh, off, size)
         slices = chunk_slices(entry, off, size)
         if not slices:
             return b""
@@ -185,8 +187,10 @@ class Operations(pyfuse3.Operations):
                 try:
                     data = await self.source.get(cid, entry.chunk_sizes[i])
                 except MlfsError as e:
+                    # Whatever went wrong with the chunk (missing, corrupt, store down), the read
+                    # itself is an I/O error: ENOENT from read() would mean nonsense to callers.
                     log.error("read %s at %d: chunk %d (%s): %s", entry.path, off, i, cid[:16], e)
-                    raise pyfuse3.FUSEError(e.errno) from None
+                    raise pyfuse3.FUSEError(errno.EIO) from None
             else:
                 self.source.counters.memory_hits += 1
                 self.source.counters.cache_hits += 1
@@ -196,21 +200,30 @@ class Operations(pyfuse3.Operations):
         return out
 
     def _readahead(self, h: Handle, start: int, end: int) -> None:
-        """On sequential access, keep chunks up to ``window`` bytes ahead of the reader loading."""
-        if start == h.next_offset or start <= h.ahead_until and start >= h.next_offset - (4 << 20):
-            target = min(end + h.window, h.entry.size)
-            if target > h.ahead_until and self.nursery is not None:
-                begin = max(end, h.ahead_until)
-                for i, _, _ in chunk_slices(h.entry, begin, target - begin):
-                    cid = h.entry.chunk_ids[i]
-                    if self.source.peek(cid) is None and not self.source.in_flight(cid):
-                        self.nursery.start_soon(self._prefetch, cid, h.entry.chunk_sizes[i])
-                h.ahead_until = target
-                h.window = min(h.window * 2, READAHEAD_MAX)
+        """On sequential access, keep chunks loading ahead of the reader.
+
+        The window is twice the bytes read sequentially so far (capped at ``READAHEAD_MAX``) and
+        starts only after ``READAHEAD_MIN`` sequential bytes, so reading a header and then one
+        tensor (what ``safe_open`` does) fetches no more than that tensor.  Requests the kernel
+        issues slightly out of order (async read-ahead) still count as sequential.
+        """
+        if start == h.next_offset or h.next_offset - (4 << 20) <= start <= h.ahead_until:
+            h.streak += end - start
         else:
-            h.window = READAHEAD_MIN
+            h.streak = end - start
             h.ahead_until = end
-        h.next_offset = end
+        h.next_offset = max(end, h.next_offset) if h.streak > end - start else end
+        if h.streak < READAHEAD_MIN or self.nursery is None:
+            return
+        target = min(end + min(2 * h.streak, READAHEAD_MAX), h.entry.size)
+        if target <= h.ahead_until:
+            return
+        begin = max(end, h.ahead_until)
+        for i, _, _ in chunk_slices(h.entry, begin, target - begin):
+            cid = h.entry.chunk_ids[i]
+            if self.source.peek(cid) is None and not self.source.in_flight(cid):
+                self.nursery.start_soon(self._prefetch, cid, h.entry.chunk_sizes[i])
+        h.ahead_until = target
 
     async def _prefetch(self, cid: str, size: int, background: bool = False) -> None:
         try:

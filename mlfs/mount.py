@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 
 from .cache import ChunkCache
-from .errors import MlfsError, MountError
+from .errors import MlfsError, MountError, StoreUnavailable
 from .fetch import ChunkSource
 from .fs import STATS_XATTR, Operations
 from .generate import match_prefetch
@@ -34,7 +34,7 @@ log = logging.getLogger("mlfs.mount")
 
 #: Kernel read-ahead for the mount (KiB) and FUSE's async request window; both are best-effort
 #: (root only) and make sequential and mmap reads stream instead of crawling 128 KiB at a time.
-READ_AHEAD_KB = 16 << 10
+READ_AHEAD_KB = 1024
 MAX_BACKGROUND = 64
 
 
@@ -46,6 +46,7 @@ class MountOptions:
     prefetch_all: bool = False
     memory_bytes: int = 256 << 20
     timeout: float = 30.0
+    read_ahead_kb: int = READ_AHEAD_KB
     debug: bool = False
 
 
@@ -93,7 +94,7 @@ async def _warm(source: ChunkSource, chunks: list[tuple[str, int, str]], backgro
         raise errors[0]
 
 
-def _tune_kernel(mountpoint: str) -> dict:
+def _tune_kernel(mountpoint: str, read_ahead_kb: int) -> dict:
     """Raise the bdi read-ahead and FUSE's background request limit for this mount (root only)."""
     done = {}
     try:
@@ -103,7 +104,7 @@ def _tune_kernel(mountpoint: str) -> dict:
         if os.path.isdir(conn) and not os.listdir(conn):  # fusectl not mounted yet
             subprocess.run(["mount", "-t", "fusectl", "none", conn], capture_output=True)
         for path, value, key in (
-                (f"/sys/class/bdi/{major}:{minor}/read_ahead_kb", READ_AHEAD_KB, "read_ahead_kb"),
+                (f"/sys/class/bdi/{major}:{minor}/read_ahead_kb", read_ahead_kb, "read_ahead_kb"),
                 (f"/sys/fs/fuse/connections/{minor}/max_background", MAX_BACKGROUND, "max_background"),
                 (f"/sys/fs/fuse/connections/{minor}/congestion_threshold", MAX_BACKGROUND * 3 // 4,
                  "congestion_threshold")):
@@ -123,6 +124,11 @@ def serve(manifest: Manifest, store: Store | None, mountpoint: str, opts: MountO
     """Mount and serve until unmounted or signalled.  *ready(error_or_None)* is called once."""
     mountpoint = os.path.abspath(mountpoint)
     check_mountpoint(mountpoint)
+    if store is not None:
+        try:
+            store.check()  # a missing bucket/directory is a clear error now, not EIO later
+        except StoreUnavailable as e:
+            log.warning("%s; serving from the cache until it answers", e)
     cache = ChunkCache(opts.cache_dir, opts.cache_size)
     source = ChunkSource(store, cache, memory_bytes=opts.memory_bytes, timeout=opts.timeout)
     tree = Tree(manifest)
@@ -151,7 +157,8 @@ def serve(manifest: Manifest, store: Store | None, mountpoint: str, opts: MountO
             ops.nursery = nursery
             nursery.start_soon(_signals, nursery)
             nursery.start_soon(_fuse_loop, nursery)
-            info["kernel"] = await trio.to_thread.run_sync(_tune_kernel, mountpoint)
+            info["kernel"] = await trio.to_thread.run_sync(_tune_kernel, mountpoint,
+                                                          opts.read_ahead_kb)
             if ready:
                 ready(None)
             if opts.prefetch_all:
