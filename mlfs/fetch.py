@@ -17,6 +17,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -92,6 +94,8 @@ class ChunkSource:
         self._background = trio.CapacityLimiter(background_limit)
         self._budget = ByteBudget(inflight_bytes)
         self.timeout = timeout
+        self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mlfs-cache-write")
+        self._write_slots = threading.BoundedSemaphore(16)
 
     # -- memory LRU (trio thread only) -----------------------------------------------------------
     def peek(self, chunk_id: str) -> bytes | None:
@@ -186,9 +190,22 @@ class ChunkSource:
                 raise CorruptChunk(f"chunk {chunk_id[:16]} in {self.store.describe()} is corrupt")
         c.chunks_fetched += 1
         c.bytes_fetched += size
-        if not self.cache.put(chunk_id, data):
-            c.uncached_chunks += 1
+        # Admission to the disk cache happens off the read path; the pending queue is bounded, so
+        # a disk slower than the network slows fetching down instead of growing memory.
+        self._write_slots.acquire()
+        self._writer.submit(self._admit, chunk_id, data)
         return data
+
+    def _admit(self, chunk_id: str, data: bytes) -> None:
+        try:
+            if not self.cache.put(chunk_id, data):
+                self.counters.uncached_chunks += 1
+        finally:
+            self._write_slots.release()
+
+    def flush(self) -> None:
+        """Wait until every fetched chunk was offered to the disk cache (before unmounting)."""
+        self._writer.shutdown(wait=True)
 
     def snapshot(self) -> dict:
         c = self.counters

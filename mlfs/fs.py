@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import pyfuse3
@@ -71,6 +72,7 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.nursery: trio.Nursery | None = None  # set by mount.py: background work lives here
+        self._tensor_index: dict[str, tuple[list[int], list[int]]] = {}
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -179,6 +181,8 @@ class Operations(pyfuse3.Operations):
         if not slices:
             return b""
         self._readahead(h, off, off + size)
+        if self.source.peek(entry.chunk_ids[slices[0][0]]) is None:
+            self._tensor_ahead(entry, off + size)
         parts = []
         for i, a, b in slices:
             cid = entry.chunk_ids[i]
@@ -218,12 +222,34 @@ class Operations(pyfuse3.Operations):
         target = min(end + min(2 * h.streak, READAHEAD_MAX), h.entry.size)
         if target <= h.ahead_until:
             return
-        begin = max(end, h.ahead_until)
-        for i, _, _ in chunk_slices(h.entry, begin, target - begin):
-            cid = h.entry.chunk_ids[i]
-            if self.source.peek(cid) is None and not self.source.in_flight(cid):
-                self.nursery.start_soon(self._prefetch, cid, h.entry.chunk_sizes[i])
+        self._schedule(h.entry, max(end, h.ahead_until), target)
         h.ahead_until = target
+
+    def _tensor_ahead(self, entry: FileEntry, start: int) -> None:
+        """A read that misses inside a tensor starts fetching the rest of that tensor at once.
+
+        Loaders read a tensor whole, but through mmap the kernel asks for it one fault (one
+        read-ahead window) at a time; fetching its remaining chunks in parallel turns a chain of
+        round trips into one.  Capped at ``READAHEAD_MAX`` bytes.
+        """
+        if not entry.tensors or self.nursery is None:
+            return
+        index = self._tensor_index.get(entry.path)
+        if index is None:
+            spans = sorted((b, e) for b, e, _ in entry.tensors.values() if e > b)
+            index = self._tensor_index[entry.path] = ([b for b, _ in spans], [e for _, e in spans])
+        begins, ends = index
+        i = bisect_right(begins, start - 1) - 1
+        if i < 0 or ends[i] <= start:
+            return
+        end = min(ends[i], start + READAHEAD_MAX)
+        self._schedule(entry, start, end)
+
+    def _schedule(self, entry: FileEntry, begin: int, end: int) -> None:
+        for i, _, _ in chunk_slices(entry, begin, end - begin):
+            cid = entry.chunk_ids[i]
+            if self.source.peek(cid) is None and not self.source.in_flight(cid):
+                self.nursery.start_soon(self._prefetch, cid, entry.chunk_sizes[i])
 
     async def _prefetch(self, cid: str, size: int, background: bool = False) -> None:
         try:

@@ -180,6 +180,7 @@ def serve(manifest: Manifest, store: Store | None, mountpoint: str, opts: MountO
         trio.run(main)
     finally:
         pyfuse3.close(unmount=True)
+        source.flush()
 
 
 async def _warm_all(source: ChunkSource, manifest: Manifest) -> None:

