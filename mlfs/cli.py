@@ -329,5 +329,137 @@ def cache_clear(cache_dir, cache_size):
     click.echo(f"removed {n} chunks", err=True)
 
 
+def _store_arg(f):
+    f = ENDPOINT_OPT(f)
+    return click.argument("store_url", metavar="STORE")(f)
+
+
+def _open(store_url, endpoint_url):
+    from .stores import open_store
+
+    return open_store(store_url, endpoint_url=endpoint_url)
+
+
+@main.command("ls")
+@_store_arg
+@click.argument("model_id", required=False, metavar="[ID]")
+@click.option("--filter", "-f", "filters", multiple=True, metavar="KEY=VALUE|KEY~TEXT",
+              help="library=transformers, tag=nlp, description~embedding, any metadata key. Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ls_cmd(store_url, endpoint_url, model_id, filters, as_json):
+    """Models and versions in STORE, with sizes, unique bytes and metadata; store totals at the end."""
+    from .catalog import parse_filter, versions
+    from .report import human
+
+    vs, totals = versions(_open(store_url, endpoint_url), model_id, [parse_filter(f) for f in filters])
+    if as_json:
+        click.echo(json.dumps({"versions": [v.to_json() for v in vs], "store": totals}, indent=1))
+        return
+    rows = [("ID@VERSION", "CREATED", "LIBRARY", "SIZE", "UNIQUE", "ALIASES", "TAGS", "DESCRIPTION")]
+    for v in vs:
+        m = v.manifest
+        rows.append((m.ref, m.created, m.metadata.get("library") or "-", human(m.logical_size),
+                     human(v.unique_bytes), ",".join(v.aliases) or "-",
+                     ",".join(m.metadata.get("tags", [])) or "-",
+                     (m.metadata.get("description") or "")[:60]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    t = totals
+    click.echo(f"\n{t['models']} models, {t['versions']} versions: {human(t['logical_bytes'])} logical, "
+               f"{human(t['stored_bytes'])} stored in {t['chunks']} chunks "
+               f"(dedup ratio {t['dedup_ratio'] or '-'}x; {human(t['unreferenced_bytes'])} unreferenced)")
+
+
+@main.command("rm")
+@_store_arg
+@click.argument("ref", metavar="ID@VERSION")
+def rm_cmd(store_url, endpoint_url, ref):
+    """Remove a version's manifest (and aliases pointing at it). Chunks are left to `mlfs gc`."""
+    from .catalog import remove
+    from .manifest import parse_ref
+
+    model_id, version = parse_ref(ref)
+    for alias in remove(_open(store_url, endpoint_url), model_id, version):
+        click.echo(f"mlfs: warning: removed alias {model_id}/{alias} (it pointed at {version})", err=True)
+    click.echo(f"removed {ref}", err=True)
+
+
+@main.command("gc")
+@_store_arg
+@click.option("--dry-run", is_flag=True, help="Report what would be deleted; delete nothing.")
+@click.option("--grace", default="1h", show_default=True,
+              help="Keep unreferenced chunks younger than this (a generate may be publishing them).")
+@click.option("--json", "as_json", is_flag=True)
+def gc_cmd(store_url, endpoint_url, dry_run, grace, as_json):
+    """Delete chunks that no manifest references (safe beside a running generate)."""
+    from .catalog import gc, parse_duration
+    from .report import human
+
+    res = gc(_open(store_url, endpoint_url), parse_duration(grace), dry_run)
+    if as_json:
+        click.echo(json.dumps(res.to_json()))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {res.deleted} chunks ({human(res.deleted_bytes)}); kept {res.kept_recent} "
+               f"unreferenced chunks younger than {grace} ({human(res.kept_bytes)}); "
+               f"{res.referenced} chunks referenced")
+
+
+@main.command("verify")
+@_store_arg
+@click.option("--deep", is_flag=True, help="Also download and re-hash every chunk.")
+@click.option("--json", "as_json", is_flag=True)
+def verify_cmd(store_url, endpoint_url, deep, as_json):
+    """Check that every chunk of every manifest is present (and, with --deep, intact)."""
+    from .catalog import verify
+
+    damage, summary = verify(_open(store_url, endpoint_url), deep)
+    if as_json:
+        click.echo(json.dumps({**summary, "damage": [d.__dict__ for d in damage]}, indent=1))
+    else:
+        for d in damage:
+            click.echo(str(d))
+        click.echo(f"{summary['manifests']} manifests, {summary['chunks_checked']} chunks checked"
+                   f"{' (deep)' if deep else ''}: {summary['damaged_chunks']} damaged", err=True)
+    if damage:
+        sys.exit(1)
+
+
+@main.group()
+def alias():
+    """Named pointers to versions (stable, canary...), stored in the store."""
+
+
+@alias.command("set")
+@_store_arg
+@click.argument("model_id", metavar="ID")
+@click.argument("name", metavar="ALIAS")
+@click.argument("version")
+def alias_set(store_url, endpoint_url, model_id, name, version):
+    """Point ID/ALIAS at VERSION (which must exist)."""
+    from .manifest import check_name
+
+    store = _open(store_url, endpoint_url)
+    store.check()
+    check_name("alias", name)
+    store.get_manifest_bytes(model_id, version)  # must exist
+    store.put_alias(model_id, name, version)
+    click.echo(f"{model_id}/{name} -> {version}", err=True)
+
+
+@alias.command("ls")
+@_store_arg
+@click.argument("model_id", metavar="ID", required=False)
+def alias_ls(store_url, endpoint_url, model_id):
+    """List aliases."""
+    from .catalog import list_aliases
+
+    for (mid, version), names in sorted(list_aliases(_open(store_url, endpoint_url)).items()):
+        if model_id in (None, mid):
+            for n in names:
+                click.echo(f"{mid}/{n} -> {version}")
+
+
 if __name__ == "__main__":
     main()

@@ -25,6 +25,11 @@ RETRY_DEADLINE = float(os.environ.get("MLFS_RETRY_DEADLINE", "20"))
 S3_CONNECT_TIMEOUT = float(os.environ.get("MLFS_S3_CONNECT_TIMEOUT", "5"))
 S3_READ_TIMEOUT = float(os.environ.get("MLFS_S3_READ_TIMEOUT", "10"))
 
+#: gc deletes a chunk only if the HEAD that showed it old happened less than this long ago (s);
+#: generate waits longer than this after refreshing existing chunks before checking they are still
+#: there (docs/adr/0005-gc.md).
+GC_DELETE_WINDOW = float(os.environ.get("MLFS_GC_DELETE_WINDOW", "1.0"))
+
 #: Store used when ``--store`` is not given.
 DEFAULT_STORE = os.environ.get("MLFS_STORE")
 

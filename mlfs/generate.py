@@ -15,6 +15,7 @@ import mmap
 import os
 import stat
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Callable
 
 import blake3
 
+from . import config
 from . import manifest as mf
 from .chunking import HeaderError, generic_spans, header_length, parse_safetensors_header, \
     safetensors_spans
@@ -149,22 +151,30 @@ def generate(model_dir: str | os.PathLike[str], store: Store, model_id: str, ver
     # bounded queue also keeps the pool's work list short.
     slots = threading.BoundedSemaphore(threads * 8)
 
-    def store_chunk(cid: str, view: memoryview) -> None:
+    touched: list[tuple[str, Path, int, int]] = []  # chunks that existed: (id, file, begin, end)
+    last_touch = [0.0]
+
+    def store_chunk(cid: str, view: memoryview, full: Path, a: int) -> None:
         if store.has_chunk(cid):
+            # Renew its age so a concurrent gc does not collect it before our manifest exists.
+            store.touch_chunk(cid)
+            with count_lock:
+                touched.append((cid, full, a, a + len(view)))
+                last_touch[0] = time.monotonic()
             return
         store.put_chunk(cid, view)
         with count_lock:
             counters["new_chunks"] += 1
             counters["new_bytes"] += len(view)
 
-    def chunk_task(data, a: int, b: int) -> tuple[str, int]:
+    def chunk_task(data, a: int, b: int, full: Path) -> tuple[str, int]:
         try:
             with memoryview(data) as whole, whole[a:b] as view:
-                return chunk_work(view)
+                return chunk_work(view, full, a)
         finally:
             slots.release()
 
-    def chunk_work(view: memoryview) -> tuple[str, int]:
+    def chunk_work(view: memoryview, full: Path, a: int) -> tuple[str, int]:
         """Hash one chunk and store it unless this run or the store already has it."""
         cid = blake3.blake3(view).hexdigest()
         with seen_lock:
@@ -175,7 +185,7 @@ def generate(model_dir: str | os.PathLike[str], store: Store, model_id: str, ver
                 seen[cid] = fut
         if owner:
             try:
-                store_chunk(cid, view)
+                store_chunk(cid, view, full, a)
                 fut.set_result(None)
             except BaseException as e:
                 fut.set_exception(e)
@@ -221,7 +231,7 @@ def generate(model_dir: str | os.PathLike[str], store: Store, model_id: str, ver
                     futures = []
                     for a, b in spans:
                         slots.acquire()
-                        futures.append(pool.submit(chunk_task, data, a, b))
+                        futures.append(pool.submit(chunk_task, data, a, b, full))
                     tfuts = [(name, a, b, pool.submit(tensor_hash, data, a, b))
                              for name, a, b in tensors or []]
                     refs = [f.result() for f in futures]
@@ -237,6 +247,9 @@ def generate(model_dir: str | os.PathLike[str], store: Store, model_id: str, ver
                 rel, size, mode, digest, [c for c, _ in refs], [s for _, s in refs],
                 tinfo if tensors is not None else None))
 
+    if touched and publish:
+        _recheck_touched(store, touched, last_touch[0], threads)
+
     names = [e[0] for e in entries]
     meta = build_metadata(metadata or {}, detect_metadata(root, names))
     if prefetch is None:
@@ -250,6 +263,30 @@ def generate(model_dir: str | os.PathLike[str], store: Store, model_id: str, ver
         store.put_manifest_bytes(model_id, version, data)
     return GenerateResult(manifest, len(result_files), manifest.logical_size, total_chunks,
                           len(seen), counters["new_chunks"], counters["new_bytes"], warnings)
+
+
+def _recheck_touched(store: Store, touched: list[tuple[str, Path, int, int]], last: float,
+                     threads: int) -> None:
+    """Close the race with a concurrent gc (docs/adr/0005-gc.md): gc deletes a chunk only within
+    ``GC_DELETE_WINDOW`` of seeing it old, so once that much time has passed since our last refresh,
+    any chunk we deduplicated against is either still there or visibly gone — and then we upload it
+    again from the model file."""
+    wait = config.GC_DELETE_WINDOW * 1.5 - (time.monotonic() - last)
+    if wait > 0:
+        time.sleep(wait)
+
+    def check(item: tuple[str, Path, int, int]) -> None:
+        cid, full, a, b = item
+        if store.has_chunk(cid):
+            return
+        with open(full, "rb") as f:
+            f.seek(a)
+            data = f.read(b - a)
+        if blake3.blake3(data).hexdigest() != cid:
+            raise GenerateError(f"{full} changed while mlfs generate was reading it")
+        store.put_chunk(cid, data)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(check, touched))
 
 
 def _map(fh, size: int) -> mmap.mmap | bytes:

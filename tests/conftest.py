@@ -23,6 +23,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 from mlfs.generate import generate  # noqa: E402
 from mlfs.stores import open_store  # noqa: E402
 
+# gc's delete window (and generate's matching wait) shortened for the suite; same value everywhere.
+os.environ.setdefault("MLFS_GC_DELETE_WINDOW", "0.2")
+
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

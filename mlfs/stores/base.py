@@ -68,6 +68,10 @@ class Store(ABC):
     def _delete(self, key: str) -> None:
         """Remove an object; missing is not an error."""
 
+    def _touch(self, key: str) -> None:
+        """Set an existing object's mtime to now (gc's age check; see docs/adr/0005-gc.md)."""
+        self._put(key, self._get(key))
+
     def is_temp_failure(self, exc: BaseException) -> bool:
         """True if retrying *exc* may succeed (timeouts, 5xx, throttling, resets)."""
         return isinstance(exc, StoreUnavailable)
@@ -116,6 +120,9 @@ class Store(ABC):
 
     def put_chunk(self, chunk_id: str, data: bytes | memoryview) -> None:
         self.retry(lambda: self._put(chunk_key(chunk_id), data), f"upload chunk {chunk_id[:16]}")
+
+    def touch_chunk(self, chunk_id: str) -> None:
+        self.retry(lambda: self._touch(chunk_key(chunk_id)), f"refresh chunk {chunk_id[:16]}")
 
     def list_chunks(self) -> Iterator[tuple[str, ObjectInfo]]:
         for info in self._list("chunks/"):

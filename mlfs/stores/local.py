@@ -77,6 +77,12 @@ class LocalStore(Store):
                     continue
                 yield ObjectInfo(os.path.relpath(full, self.root), st.st_size, st.st_mtime)
 
+    def _touch(self, key: str) -> None:
+        try:
+            os.utime(self._path(key))
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{key} not found in {self.url}") from None
+
     def _delete(self, key: str) -> None:
         try:
             os.unlink(self._path(key))

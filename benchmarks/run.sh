@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every benchmark, peers installed first. Needs root (FUSE, dropping the page cache).
+#   bash benchmarks/run.sh            (or: make bench)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MLFS_EXTRAS="test,torch,bench" bash scripts/setup.sh
+need=()
+for pkg in rclone s3fs nodejs npm; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
+command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && need=("${need[@]/nodejs}") && need=("${need[@]/npm}")
+need=($(printf '%s\n' "${need[@]}" | grep -v '^$' || true))
+[ ${#need[@]} -eq 0 ] || apt-get install -y "${need[@]}" >/dev/null
+S3RVER_DIR="${S3RVER_DIR:-/opt/s3rver}"
+[ -x "$S3RVER_DIR/node_modules/.bin/s3rver" ] || (mkdir -p "$S3RVER_DIR" && cd "$S3RVER_DIR" && npm install --silent s3rver >/dev/null)
+export S3RVER="$S3RVER_DIR/node_modules/.bin/s3rver"
+PY=.venv/bin/python
+echo "== dedup (benchmarks/dedup.py)"; $PY benchmarks/dedup.py
+echo "== generate throughput (benchmarks/generate_throughput.py)"; $PY benchmarks/generate_throughput.py
+echo "== manifest load (benchmarks/manifest_load.py)"; $PY benchmarks/manifest_load.py
+echo "== mount vs peers (benchmarks/mount_bench.py)"; $PY benchmarks/mount_bench.py
