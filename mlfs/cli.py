@@ -206,18 +206,24 @@ def export(manifest, dest_dir, store_url, endpoint_url, model_id, version):
               help="Seconds after which a read of an unobtainable chunk fails with EIO.")
 @click.option("--read-ahead", default="1M", show_default=True,
               help="Kernel read-ahead of the mount (larger streams faster, smaller stays lazier).")
+@click.option("--no-warm", is_flag=True, help="On a switch, flip at once and fetch lazily "
+              "(default: fetch the new version's missing chunks first).")
+@click.option("--digest", help="Serve (and switch to) only a manifest with this digest.")
+@click.option("--poll", default=30.0, show_default=True,
+              help="Catalog mounts (--store alone): seconds between looks for new versions/aliases.")
 @click.option("--allow-other", is_flag=True, help="Let other users (containers) see the mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Daemon log [default: in the cache dir].")
 @click.option("--debug", is_flag=True, help="Verbose logging.")
 @click.option("--ready-fd", type=int, hidden=True)
 def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, cache_dir,
-          cache_size, memory, prefetch, timeout, read_ahead, allow_other, foreground, log_file, debug, ready_fd):
+          cache_size, memory, prefetch, timeout, read_ahead, no_warm, digest, poll, allow_other, foreground, log_file, debug, ready_fd):
     """Mount a model version read-only at MOUNTPOINT.
 
     \b
-      mlfs mount --manifest minilm-v1.json /mnt/model
+      mlfs mount --manifest minilm-v1.json /mnt/model      (switches when the file is replaced)
       mlfs mount --store s3://models --id minilm --version v1 /mnt/model
+      mlfs mount --store s3://models /mnt/models           (catalog: <id>/<version|alias>/...)
     """
     import logging
     from pathlib import Path
@@ -226,10 +232,14 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
     from .resolve import resolve
 
     cache = Path(cache_dir) if cache_dir else config.default_cache_dir()
+    catalog = not (manifest_src or model_id or version)
+    if catalog and not store_url:
+        raise click.UsageError("give --manifest, --store with --id/--version, or --store alone")
     if not foreground:
         check_mountpoint(mountpoint)
-        resolve(manifest_src, store_url, model_id=model_id, version=version,
-                endpoint_url=endpoint_url)  # fail fast, with the message in this terminal
+        if not catalog:  # fail fast, with the message in this terminal
+            resolve(manifest_src, store_url, model_id=model_id, version=version,
+                    endpoint_url=endpoint_url)
         logf = Path(log_file) if log_file else cache / "logs" / f"mount-{os.getpid()}.log"
         pid = spawn(sys.argv[1:], mountpoint, logf)
         click.echo(f"mounted at {mountpoint} (pid {pid}, log {logf})", err=True)
@@ -244,10 +254,17 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
             os.close(ready_fd)
 
     try:
-        m, store = resolve(manifest_src, store_url, model_id=model_id, version=version,
-                           endpoint_url=endpoint_url)
+        if catalog:
+            from .stores import open_store
+
+            m, store = None, open_store(store_url, endpoint_url=endpoint_url)
+        else:
+            m, store = resolve(manifest_src, store_url, model_id=model_id, version=version,
+                               endpoint_url=endpoint_url)
+        watch = os.path.abspath(manifest_src) if manifest_src and os.path.isfile(manifest_src) else None
         opts = MountOptions(cache_dir=cache, cache_size=config.parse_size(cache_size),
                             allow_other=allow_other, prefetch_all=prefetch == "all",
+                            watch=watch, switch_warm=not no_warm, catalog_poll=poll, digest=digest,
                             memory_bytes=config.parse_size(memory), timeout=timeout,
                             read_ahead_kb=config.parse_size(read_ahead) // 1024, debug=debug)
         serve(m, store, mountpoint, opts, ready=ready)
@@ -459,6 +476,48 @@ def alias_ls(store_url, endpoint_url, model_id):
         if model_id in (None, mid):
             for n in names:
                 click.echo(f"{mid}/{n} -> {version}")
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("manifest", required=False)
+@_manifest_args
+@click.option("--no-warm", is_flag=True, help="Flip at once; fetch the new chunks lazily.")
+@click.option("--digest", help="Refuse the switch unless the manifest has this digest.")
+@click.option("--json", "as_json", is_flag=True)
+def switch(mountpoint, manifest, store_url, endpoint_url, model_id, version, no_warm, digest, as_json):
+    """Switch a live mount to another version; returns when the switch is complete.
+
+    \b
+      mlfs switch /mnt/model minilm-v2.json
+      mlfs switch /mnt/model --store s3://models --version v2     (same model id)
+    """
+    import tempfile
+
+    from .mount import read_stats
+    from .report import human
+    from .resolve import resolve
+    from .switch import request_switch
+
+    stats = read_stats(mountpoint)
+    if not stats.get("control"):
+        raise click.ClickException(f"{mountpoint} does not accept switches")
+    if manifest is None and version and not model_id:
+        model_id = stats.get("id")
+    m, _ = resolve(manifest, store_url, model_id=model_id, version=version, endpoint_url=endpoint_url)
+    if manifest and os.path.isfile(manifest):
+        result = request_switch(stats["control"], manifest, warm=not no_warm, digest=digest)
+    else:
+        with tempfile.NamedTemporaryFile(suffix=".json", dir=os.path.dirname(stats["control"])) as tmp:
+            tmp.write(m.dumps())
+            tmp.flush()
+            result = request_switch(stats["control"], tmp.name, warm=not no_warm, digest=digest)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{result['from']} -> {result['to']}: fetched {human(result['bytes_fetched'])} "
+                   f"({result['bytes_fetched']} bytes) in {result['warm_seconds']:.2f}s, "
+                   f"flip {result['flip_seconds'] * 1000:.1f} ms", err=True)
 
 
 if __name__ == "__main__":

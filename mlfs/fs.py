@@ -70,6 +70,7 @@ class Operations(pyfuse3.Operations):
         self.source = source
         self.info = info or {}
         self.handles: dict[int, Handle] = {}
+        self.retired: dict[int, Node] = {}  # nodes of earlier versions (switches)
         self._next_fh = 1
         self.nursery: trio.Nursery | None = None  # set by mount.py: background work lives here
         self._tensor_index: dict[str, tuple[list[int], list[int]]] = {}
@@ -96,10 +97,19 @@ class Operations(pyfuse3.Operations):
         return a
 
     def _node(self, inode: int) -> Node:
-        node = self.tree.nodes.get(inode)
+        node = self.tree.nodes.get(inode) or self.retired.get(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
+
+    def flip(self, new: Tree) -> None:
+        """Serve *new* from now on (one assignment: atomic for every handler).  Inodes of the old
+        tree that the new one lacks stay answerable for the kernel and for open handles."""
+        old = self.tree
+        for ino, node in old.nodes.items():
+            if ino not in new.nodes:
+                self.retired[ino] = node
+        self.tree = new
 
     @_guard
     async def getattr(self, inode, ctx=None):
@@ -132,7 +142,7 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def statfs(self, ctx):
         s = pyfuse3.StatvfsData()
-        total = sum(f.size for f in self.tree.manifest.files)
+        total = self.tree.size
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = (total + 4095) // 4096
         s.f_bfree = s.f_bavail = 0
@@ -153,8 +163,9 @@ class Operations(pyfuse3.Operations):
 
     def stats(self) -> dict:
         m = self.tree.manifest
-        return {**self.info, "id": m.id, "version": m.version, "digest": m.digest,
-                **self.source.snapshot(), "open_files": len(self.handles)}
+        current = {"id": m.id, "version": m.version, "digest": m.digest} if m else \
+            {"id": None, "version": "catalog", "digest": None}
+        return {**self.info, **current, **self.source.snapshot(), "open_files": len(self.handles)}
 
     # -- files ----------------------------------------------------------------------------------
     @_guard

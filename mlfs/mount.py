@@ -28,7 +28,7 @@ from .fs import STATS_XATTR, Operations
 from .generate import match_prefetch
 from .manifest import Manifest
 from .stores import Store
-from .tree import Tree
+from .tree import Inodes, Tree
 
 log = logging.getLogger("mlfs.mount")
 
@@ -44,6 +44,10 @@ class MountOptions:
     cache_size: int
     allow_other: bool = False
     prefetch_all: bool = False
+    watch: str | None = None  # manifest file to watch for replacement
+    switch_warm: bool = True
+    catalog_poll: float = 30.0
+    digest: str | None = None
     memory_bytes: int = 256 << 20
     timeout: float = 30.0
     read_ahead_kb: int = READ_AHEAD_KB
@@ -119,9 +123,15 @@ def _tune_kernel(mountpoint: str, read_ahead_kb: int) -> dict:
     return done
 
 
-def serve(manifest: Manifest, store: Store | None, mountpoint: str, opts: MountOptions,
+def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts: MountOptions,
           ready=None) -> None:
-    """Mount and serve until unmounted or signalled.  *ready(error_or_None)* is called once."""
+    """Mount and serve until unmounted or signalled.  *ready(error_or_None)* is called once.
+
+    With a manifest, serve that version (switchable); with ``manifest=None``, serve the whole store
+    as a catalog ``<id>/<version|alias>/...``, polled every ``opts.catalog_poll`` seconds.
+    """
+    from .switch import Catalog, Switcher, control_socket_path
+
     mountpoint = os.path.abspath(mountpoint)
     check_mountpoint(mountpoint)
     if store is not None:
@@ -129,20 +139,33 @@ def serve(manifest: Manifest, store: Store | None, mountpoint: str, opts: MountO
             store.check()  # a missing bucket/directory is a clear error now, not EIO later
         except StoreUnavailable as e:
             log.warning("%s; serving from the cache until it answers", e)
+    if manifest is not None and opts.digest and manifest.digest != opts.digest:
+        raise MountError(f"{manifest.ref} has digest {manifest.digest}, not the pinned {opts.digest}")
     cache = ChunkCache(opts.cache_dir, opts.cache_size)
     source = ChunkSource(store, cache, memory_bytes=opts.memory_bytes, timeout=opts.timeout)
-    tree = Tree(manifest)
+    inodes = Inodes()
+    catalog = None
+    if manifest is not None:
+        tree = Tree.of(manifest, inodes)
+        fsname = f"mlfs:{manifest.id}@{manifest.version}"
+    else:
+        catalog = Catalog(store)
+        tree = Tree(catalog.refresh()[0], inodes, time.time_ns())
+        fsname = "mlfs:catalog"
+    sock = control_socket_path()
     info = {"mountpoint": mountpoint, "store": store.describe() if store else None,
-            "cache_dir": str(opts.cache_dir), "cache_size": opts.cache_size, "pid": os.getpid()}
+            "cache_dir": str(opts.cache_dir), "cache_size": opts.cache_size, "pid": os.getpid(),
+            "control": sock, "watching": opts.watch, "previous": None, "last_switch": None}
     ops = Operations(tree, source, info)
+    switcher = Switcher(ops, source, inodes)
 
     # Before the kernel mount: the prefetch set must be cached (a store that is down or a chunk
     # that is missing fails the mount here, with a clear error, not the first read later).
-    trio.run(_warm, source, prefetch_set(manifest), False)
+    if manifest is not None:
+        trio.run(_warm, source, prefetch_set(manifest), False)
 
     options = set(pyfuse3.default_options)
-    options |= {f"fsname=mlfs:{manifest.id}@{manifest.version}", "subtype=mlfs", "ro", "nosuid",
-                "nodev"}
+    options |= {f"fsname={fsname}", "subtype=mlfs", "ro", "nosuid", "nodev"}
     if opts.allow_other:
         options.add("allow_other")
     if opts.debug:
@@ -157,11 +180,17 @@ def serve(manifest: Manifest, store: Store | None, mountpoint: str, opts: MountO
             ops.nursery = nursery
             nursery.start_soon(_signals, nursery)
             nursery.start_soon(_fuse_loop, nursery)
+            nursery.start_soon(lambda: switcher.serve_control(sock, digest=opts.digest))
+            if opts.watch:
+                nursery.start_soon(lambda: switcher.watch_file(opts.watch, warm=opts.switch_warm,
+                                                               digest=opts.digest))
+            if catalog is not None:
+                nursery.start_soon(switcher.poll_catalog, store, opts.catalog_poll)
             info["kernel"] = await trio.to_thread.run_sync(_tune_kernel, mountpoint,
                                                           opts.read_ahead_kb)
             if ready:
                 ready(None)
-            if opts.prefetch_all:
+            if opts.prefetch_all and manifest is not None:
                 nursery.start_soon(_warm_all, source, manifest)
 
     async def _fuse_loop(nursery: trio.Nursery) -> None:

@@ -28,32 +28,57 @@ class Node:
         return self.entry is None
 
 
-class Tree:
-    """Inode table of one manifest version.  Inode numbers are assigned in path order."""
+class Inodes:
+    """Inode numbers that stay stable across versions.
 
-    def __init__(self, manifest: Manifest, first_inode: int = ROOT_INODE + 1) -> None:
+    A directory keeps its number as long as its path exists; a file keeps its number while its path
+    and content (blake3, size, mode) stay the same.  So after a version switch the kernel keeps the
+    page cache of every unchanged file, and a changed file gets a new inode whose cache starts empty
+    while handles opened on the old inode keep reading the old bytes.
+    """
+
+    def __init__(self) -> None:
+        self._numbers: dict[tuple, int] = {}
+        self._next = ROOT_INODE + 1
+
+    def get(self, key: tuple) -> int:
+        ino = self._numbers.get(key)
+        if ino is None:
+            ino = self._numbers[key] = self._next
+            self._next += 1
+        return ino
+
+
+class Tree:
+    """The directory tree of one version (or of a whole catalog), immutable once built."""
+
+    def __init__(self, files: list[FileEntry], inodes: Inodes | None = None, mtime_ns: int = 0,
+                 manifest: Manifest | None = None) -> None:
+        inodes = inodes or Inodes()
         self.manifest = manifest
-        self.mtime_ns = _created_ns(manifest.created)
+        self.files = files
+        self.mtime_ns = mtime_ns
         self.nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "", ROOT_INODE, stat.S_IFDIR | 0o555)}
-        next_inode = first_inode
-        for f in sorted(manifest.files, key=lambda f: f.path):
+        for f in sorted(files, key=lambda f: f.path):
             parent = self.nodes[ROOT_INODE]
             parts = f.path.split("/")
-            for part in parts[:-1]:
+            for i, part in enumerate(parts[:-1]):
                 ino = parent.children.get(part)
                 if ino is None:
-                    ino = next_inode
-                    next_inode += 1
+                    ino = inodes.get(("d", "/".join(parts[:i + 1])))
                     self.nodes[ino] = Node(ino, part, parent.inode, stat.S_IFDIR | 0o555)
                     parent.children[part] = ino
                 parent = self.nodes[ino]
-            ino = next_inode
-            next_inode += 1
+            ino = inodes.get(("f", f.path, f.blake3, f.size, f.mode))
             self.nodes[ino] = Node(ino, parts[-1], parent.inode, stat.S_IFREG | f.mode, f.size, f)
             parent.children[parts[-1]] = ino
         for node in self.nodes.values():
             node.names = sorted(node.children)
-        self.next_inode = next_inode
+        self.size = sum(f.size for f in files)
+
+    @classmethod
+    def of(cls, manifest: Manifest, inodes: Inodes | None = None) -> "Tree":
+        return cls(manifest.files, inodes, _created_ns(manifest.created), manifest)
 
     def lookup(self, parent: int, name: str) -> Node | None:
         node = self.nodes.get(parent)
@@ -63,14 +88,23 @@ class Tree:
         return None if ino is None else self.nodes[ino]
 
     def by_path(self, path: str) -> Node | None:
-        node = self.nodes[ROOT_INODE]
+        node: Node | None = self.nodes[ROOT_INODE]
         for part in path.split("/"):
-            nxt = self.lookup(node.inode, part)
-            if nxt is None:
+            node = self.lookup(node.inode, part)
+            if node is None:
                 return None
-            node = nxt
         return node
 
+    def stale_entries(self, old: "Tree") -> list[tuple[int, str]]:
+        """``(parent inode, name)`` of every entry of *old* that this tree removed or replaced:
+        what the kernel's dentry cache must forget after switching from *old* to this tree."""
+        out = []
+        for node in old.nodes.values():
+            for name, ino in node.children.items():
+                here = self.nodes.get(node.inode)
+                if here is None or here.children.get(name) != ino:
+                    out.append((node.inode, name))
+        return out
 
 def chunk_slices(entry: FileEntry, offset: int, length: int) -> list[tuple[int, int, int]]:
     """``(chunk index, start within chunk, end within chunk)`` covering a read, clamped at EOF."""

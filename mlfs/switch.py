@@ -1,0 +1,275 @@
+"""Switching a live mount to another version, and keeping a catalog mount up to date.
+
+The semantics (docs/adr/0006-switch.md):
+
+- warm first: the chunks of the new version that the host does not hold are fetched before the flip
+  (``warm=False`` flips at once and fetches lazily);
+- the flip is one assignment of ``ops.tree`` in the trio thread: lookups and opens after it see the
+  new version; a handle opened before it keeps its ``FileEntry`` and reads the old version to the end;
+- unchanged files keep their inode numbers (``tree.Inodes``) and so their kernel page cache; the
+  kernel forgets the dentries of changed and removed files (``invalidate_entry``).
+
+Triggers: ``mlfs switch`` over the mount's control socket, a watched manifest file
+(``mlfs mount --manifest FILE``), and, for a catalog mount, polling the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from . import manifest as mf
+from .errors import ManifestError, MlfsError, StoreError
+from .fetch import ChunkSource
+from .fs import Operations
+from .stores import Store
+from .tree import Inodes, Tree
+
+log = logging.getLogger("mlfs.switch")
+
+
+class Switcher:
+    def __init__(self, ops: Operations, source: ChunkSource, inodes: Inodes) -> None:
+        self.ops = ops
+        self.source = source
+        self.inodes = inodes
+        self._lock = trio.Lock()  # one switch at a time
+
+    async def _warm(self, files: list[mf.FileEntry]) -> None:
+        from .mount import _warm
+
+        need: dict[str, tuple[str, int, str]] = {}
+        cache = self.source.cache
+        for f in files:
+            for cid, size in zip(f.chunk_ids, f.chunk_sizes):
+                if cid not in need and self.source.peek(cid) is None and not cache.contains(cid):
+                    need[cid] = (cid, size, f.path)
+        await _warm(self.source, list(need.values()), False)
+
+    async def switch(self, new: Tree, *, warm: bool = True, label: str = "") -> dict:
+        """Warm (optionally), flip to *new*, invalidate what changed; return the switch's figures."""
+        async with self._lock:
+            old = self.ops.tree
+            t0 = time.monotonic()
+            fetched0 = self.source.counters.bytes_fetched
+            if warm:
+                await self._warm(new.files)
+            t1 = time.monotonic()
+            self.ops.flip(new)
+            stale = new.stale_entries(old)
+            for parent, name in stale:
+                # Not from a request handler, so the synchronous call cannot deadlock, and the
+                # switch is only reported complete once the kernel has forgotten the old entries.
+                try:
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent, os.fsencode(name))
+                except OSError as e:  # ENOENT: the kernel never looked the name up
+                    log.debug("invalidate %s in %d: %s", name, parent, e)
+            t2 = time.monotonic()
+            result = {"from": _label(old), "to": label or _label(new), "warm": warm,
+                      "bytes_fetched": self.source.counters.bytes_fetched - fetched0,
+                      "warm_seconds": round(t1 - t0, 4), "flip_seconds": round(t2 - t1, 4),
+                      "total_seconds": round(t2 - t0, 4), "invalidated_entries": len(stale),
+                      "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            self.ops.info["previous"] = result["from"]
+            self.ops.info["last_switch"] = result
+            log.info("switched %s -> %s: fetched %d bytes, warm %.3fs, flip %.3fs", result["from"],
+                     result["to"], result["bytes_fetched"], t1 - t0, t2 - t1)
+            return result
+
+    async def switch_manifest(self, m: mf.Manifest, *, warm: bool = True,
+                              digest: str | None = None) -> dict:
+        if digest and m.digest != digest:
+            raise ManifestError(f"{m.ref} has digest {m.digest}, not the pinned {digest}")
+        return await self.switch(Tree.of(m, self.inodes), warm=warm)
+
+    # -- triggers ---------------------------------------------------------------------------------
+    async def watch_file(self, path: str, *, warm: bool, interval: float = 0.25,
+                         digest: str | None = None) -> None:
+        """Switch whenever the manifest file is replaced (rename) or rewritten in place."""
+        last = _signature(path)
+        bad: tuple | None = None
+        while True:
+            await trio.sleep(interval)
+            sig = _signature(path)
+            if sig is None or sig == last or sig == bad:
+                continue
+            try:
+                m = await trio.to_thread.run_sync(_read_manifest, path)
+                cur = self.ops.tree.manifest
+                if cur is None or m.digest != cur.digest:
+                    await self.switch_manifest(m, warm=warm, digest=digest)
+                last, bad = sig, None
+            except MlfsError as e:
+                if bad != sig:
+                    log.error("manifest %s changed but cannot be used, staying on %s: %s", path,
+                              _label(self.ops.tree), e)
+                    self.ops.info["last_switch_error"] = str(e)
+                bad = sig
+
+    async def serve_control(self, sock_path: str, *, digest: str | None = None) -> None:
+        """Answer ``mlfs switch`` requests: one JSON line in, one JSON line out."""
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        try:
+            os.unlink(sock_path)
+        except FileNotFoundError:
+            pass
+        await sock.bind(sock_path)
+        os.chmod(sock_path, 0o600)
+        sock.listen(8)
+        try:
+            await trio.serve_listeners(lambda s: self._handle(s, digest), [trio.SocketListener(sock)])
+        finally:
+            try:
+                os.unlink(sock_path)
+            except OSError:
+                pass
+
+    async def _handle(self, stream: trio.SocketStream, digest: str | None) -> None:
+        async with stream:
+            data = b""
+            while not data.endswith(b"\n") and len(data) < 65536:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                data += chunk
+            try:
+                req = json.loads(data)
+                if not isinstance(req, dict) or req.get("op") != "switch":
+                    raise ManifestError("unknown request")
+                m = await trio.to_thread.run_sync(_read_manifest, str(req["path"]))
+                result = await self.switch_manifest(m, warm=bool(req.get("warm", True)),
+                                                    digest=req.get("digest") or digest)
+                reply = {"ok": True, "switch": result}
+            except (MlfsError, KeyError, ValueError) as e:
+                reply = {"ok": False, "error": str(e) or type(e).__name__}
+                self.ops.info["last_switch_error"] = reply["error"]
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+    async def poll_catalog(self, store: Store, interval: float) -> None:
+        """Rebuild the catalog view whenever manifests or aliases change in the store."""
+        catalog = Catalog(store)
+        while True:
+            await trio.sleep(interval)
+            try:
+                files, changed = await trio.to_thread.run_sync(catalog.refresh)
+            except MlfsError as e:
+                log.warning("catalog poll of %s failed: %s", store.describe(), e)
+                continue
+            if changed:
+                await self.switch(Tree(files, self.inodes, self.ops.tree.mtime_ns), warm=False,
+                                  label=f"catalog ({catalog.summary()})")
+
+
+class Catalog:
+    """Every version of every model in a store as ``<id>/<version>/...`` plus ``<id>/<alias>/...``."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._manifests: dict[tuple[str, str], tuple[float, mf.Manifest]] = {}
+        self._aliases: dict[tuple[str, str], str] = {}
+        self._state: tuple = ()
+
+    def refresh(self) -> tuple[list[mf.FileEntry], bool]:
+        from .catalog import list_aliases
+
+        seen = {}
+        for mid, version, info in self.store.list_manifests():
+            key = (mid, version)
+            cached = self._manifests.get(key)
+            if cached is None or cached[0] != info.mtime:
+                try:
+                    m = mf.loads(self.store.get_manifest_bytes(mid, version))
+                except (ManifestError, StoreError) as e:
+                    log.warning("skipping %s@%s: %s", mid, version, e)
+                    continue
+                if (m.id, m.version) != key:
+                    log.warning("skipping %s@%s: it describes %s", mid, version, m.ref)
+                    continue
+                cached = (info.mtime, m)
+            seen[key] = cached
+        self._manifests = seen
+        aliases = {}
+        for (mid, version), names in list_aliases(self.store).items():
+            for name in names:
+                aliases[(mid, name)] = version
+        self._aliases = aliases
+        state = (tuple(sorted((k, v[1].digest) for k, v in seen.items())), tuple(sorted(aliases.items())))
+        changed = state != self._state
+        self._state = state
+        return self.files(), changed
+
+    def files(self) -> list[mf.FileEntry]:
+        out = []
+        for (mid, version), (_, m) in sorted(self._manifests.items()):
+            out += [replace(f, path=f"{mid}/{version}/{f.path}", offsets=f.offsets) for f in m.files]
+        for (mid, alias), version in sorted(self._aliases.items()):
+            target = self._manifests.get((mid, version))
+            if target is None or (mid, alias) in self._manifests:
+                continue  # dangling alias, or an alias named like a version: the version wins
+            out += [replace(f, path=f"{mid}/{alias}/{f.path}", offsets=f.offsets) for f in target[1].files]
+        return out
+
+    def summary(self) -> str:
+        return f"{len(self._manifests)} versions, {len(self._aliases)} aliases"
+
+
+def _label(tree: Tree) -> str:
+    m = tree.manifest
+    return f"{m.id}@{m.version}" if m else "catalog"
+
+
+def _signature(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
+
+
+def _read_manifest(path: str) -> mf.Manifest:
+    from .resolve import read_manifest_file
+
+    return read_manifest_file(path)
+
+
+def control_socket_path(pid: int | None = None) -> str:
+    """Where a mount listens for ``mlfs switch`` (short enough for AF_UNIX's 108 bytes)."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/mlfs-{os.getuid()}"
+    d = Path(base) / "mlfs" if os.environ.get("XDG_RUNTIME_DIR") else Path(base)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return str(d / f"mount-{pid or os.getpid()}.sock")
+
+
+def request_switch(sock_path: str, manifest_path: str, *, warm: bool = True,
+                   digest: str | None = None, timeout: float = 3600) -> dict:
+    """Client side of ``mlfs switch``: returns the switch figures or raises MlfsError."""
+    import socket
+
+    req = {"op": "switch", "path": os.path.abspath(manifest_path), "warm": warm, "digest": digest}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(sock_path)
+        except OSError as e:
+            raise MlfsError(f"cannot reach the mount's control socket {sock_path}: {e.strerror}") from None
+        s.sendall(json.dumps(req).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise MlfsError("the mount closed the control connection without an answer") from None
+    if not reply.get("ok"):
+        raise MlfsError(f"switch refused, mount stays on its version: {reply.get('error')}")
+    return reply["switch"]
