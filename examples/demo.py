@@ -6,6 +6,8 @@
 3. `mlfs diff` and `mlfs export`: the files rebuilt byte-exact.
 4. `mlfs mount` v1, load it through the mount with transformers, compare embeddings with the
    original directory, and show what the mount fetched.
+5. `mlfs switch` the live mount to v2 (fetching only the changed layers) and back (fetching nothing);
+   then remount and read from the cache.
 
 Everything lives under ./demo-out (store, cache, mount point); rerunning starts afresh.
 """
@@ -97,6 +99,21 @@ def main() -> None:
         s = json.loads(mlfs("stats", mnt, "--json", capture=True))
         print(f"mount fetched {s['bytes_fetched'] / 2**20:.1f} MiB in {s['chunks_fetched']} chunks, "
               f"served {s['bytes_served'] / 2**20:.1f} MiB, {s['fetch_errors']} errors")
+
+        print("\n== 5. switch the live mount to v2 and back (A/B, rollback)")
+        with open(mnt / "model.safetensors", "rb") as f:  # read v1 whole: the host now holds v1
+            while f.read(1 << 20):
+                pass
+        out = json.loads(mlfs("switch", mnt, OUT / "minilm-v2.json", "--json", capture=True))
+        print(f"{out['from']} -> {out['to']}: fetched {out['bytes_fetched']} bytes "
+              f"({out['bytes_fetched'] / 2**20:.1f} MiB, the two tuned layers), flip "
+              f"{out['flip_seconds'] * 1000:.1f} ms")
+        e_v2 = embed(mnt)
+        print(f"through the same mount point, now v2: identical to the v2 directory: "
+              f"{torch.equal(e_v2, embed(v2))}; differs from v1: {not torch.equal(e_v2, e_orig)}")
+        out = json.loads(mlfs("switch", mnt, OUT / "minilm-v1.json", "--json", capture=True))
+        print(f"{out['from']} -> {out['to']}: fetched {out['bytes_fetched']} bytes, flip "
+              f"{out['flip_seconds'] * 1000:.1f} ms")
     finally:
         mlfs("umount", mnt)
     mnt.mkdir(exist_ok=True)
@@ -107,8 +124,7 @@ def main() -> None:
                 pass
         s = json.loads(mlfs("stats", mnt, "--json", capture=True))
         print(f"remounted and read the whole model: {s['cache_hits']} chunk loads from the cache "
-              f"(it survives unmount); fetched {s['bytes_fetched']} bytes, only chunks the first "
-              f"mount never needed")
+              f"(it survives unmount); fetched {s['bytes_fetched']} bytes from the store")
     finally:
         mlfs("umount", mnt)
     print("\ndemo done: store, cache and manifests are in", OUT)
