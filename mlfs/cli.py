@@ -247,6 +247,9 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, filename=log_file,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # botocore's debug log prints request headers (the access key id, signatures): never log it.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     def ready(error):
         if ready_fd is not None:

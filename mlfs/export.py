@@ -15,15 +15,6 @@ from .manifest import Manifest
 from .stores import Store
 
 
-def fetch_verified(store: Store, chunk_id: str, size: int) -> bytes:
-    """A chunk from *store*, checked against its id and size: never returns wrong bytes."""
-    data = store.get_chunk(chunk_id)
-    if len(data) != size or blake3.blake3(data).hexdigest() != chunk_id:
-        raise CorruptChunk(f"chunk {chunk_id[:16]} from {store.describe()} is corrupt "
-                           f"({len(data)} bytes, expected {size})")
-    return data
-
-
 def export(manifest: Manifest, store: Store, dest: str | os.PathLike[str], *, threads: int = 8,
            progress: Callable[[int], None] | None = None) -> int:
     """Write every file under *dest* (temp file + rename each), verifying every chunk and each
@@ -41,7 +32,7 @@ def export(manifest: Manifest, store: Store, dest: str | os.PathLike[str], *, th
                     window = 32
                     ids = list(zip(f.chunk_ids, f.chunk_sizes))
                     for start in range(0, len(ids), window):
-                        parts = pool.map(lambda r: fetch_verified(store, *r), ids[start:start + window])
+                        parts = pool.map(lambda r: store.get_chunk_verified(*r), ids[start:start + window])
                         for data in parts:
                             out.write(data)
                             h.update(data)
@@ -58,4 +49,4 @@ def export(manifest: Manifest, store: Store, dest: str | os.PathLike[str], *, th
     return total
 
 
-__all__ = ["export", "fetch_verified", "MlfsError"]
+__all__ = ["export", "MlfsError"]

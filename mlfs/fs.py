@@ -209,7 +209,8 @@ class Operations(pyfuse3.Operations):
             else:
                 self.source.counters.memory_hits += 1
                 self.source.counters.cache_hits += 1
-            parts.append(data[a:b] if (a, b) != (0, len(data)) else data)
+            parts.append(memoryview(data)[a:b])
+        # pyfuse3 takes any buffer: a read inside one chunk is answered without copying it.
         out = parts[0] if len(parts) == 1 else b"".join(parts)
         self.source.counters.bytes_served += len(out)
         return out

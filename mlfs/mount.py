@@ -265,12 +265,26 @@ def read_stats(mountpoint: str) -> dict:
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
-    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError:
-        p = subprocess.run(["umount", *(["-l"] if lazy else []), mountpoint], capture_output=True,
-                           text=True)
+    """Unmount; a mount whose process died (ENOTCONN) is detached lazily even if files are open."""
+    def run(lazy_flag: bool) -> subprocess.CompletedProcess:
+        cmd = ["fusermount3", "-u", *(["-z"] if lazy_flag else []), mountpoint]
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True)
+        except FileNotFoundError:
+            return subprocess.run(["umount", *(["-l"] if lazy_flag else []), mountpoint],
+                                  capture_output=True, text=True)
+
+    p = run(lazy)
+    if p.returncode != 0 and not lazy and _is_dead(mountpoint):
+        p = run(True)
     if p.returncode != 0:
         err = (p.stderr or p.stdout).strip().splitlines()
         raise MountError(f"cannot unmount {mountpoint}: {err[-1] if err else 'failed'}")
+
+
+def _is_dead(mountpoint: str) -> bool:
+    try:
+        os.statvfs(mountpoint)  # statfs always reaches the daemon; stat may be answered from cache
+    except OSError as e:
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False

@@ -19,8 +19,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
+import blake3
+
 from .. import config
-from ..errors import ObjectNotFound, StoreError, StoreUnavailable
+from ..errors import CorruptChunk, ObjectNotFound, StoreError, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -44,8 +46,9 @@ class Store(ABC):
     """Base class of all stores.  Methods may be called from many threads at once."""
 
     url: str
-    #: Counted by the retry loop; read by ``mlfs stats``.
+    #: Counted by the retry loop and the verified GET; read by ``mlfs stats``.
     retries: int = 0
+    corrupt_reads: int = 0
 
     # -- primitives -----------------------------------------------------------------------------
     @abstractmethod
@@ -114,6 +117,21 @@ class Store(ABC):
     def get_chunk(self, chunk_id: str, deadline: float | None = None) -> bytes:
         """The chunk's bytes, unverified: callers check them against the id."""
         return self.retry(lambda: self._get(chunk_key(chunk_id)), f"chunk {chunk_id[:16]}", deadline)
+
+    def get_chunk_verified(self, chunk_id: str, size: int, deadline: float | None = None,
+                           attempts: int = 3) -> bytes:
+        """The chunk's bytes, checked against its id and size: never returns wrong bytes.
+
+        A body that fails the check (damaged in transit) is fetched again, up to *attempts* times;
+        then the object itself is taken to be corrupt (CorruptChunk).
+        """
+        for _ in range(attempts):
+            data = self.get_chunk(chunk_id, deadline)
+            if len(data) == size and blake3.blake3(data).hexdigest() == chunk_id:
+                return data
+            self.corrupt_reads += 1
+        raise CorruptChunk(f"chunk {chunk_id[:16]} in {self.describe()} is corrupt "
+                           f"({len(data)} bytes, expected {size}, blake3 mismatch)")
 
     def has_chunk(self, chunk_id: str) -> bool:
         return self.retry(lambda: self._head(chunk_key(chunk_id)), "head chunk") is not None

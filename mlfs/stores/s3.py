@@ -22,7 +22,8 @@ _TEMP_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"
                "ServiceUnavailable", "503", "500", "502", "504", "RequestTimeTooSkewed"}
 _TEMP_EXC = (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
              bx.ConnectTimeoutError, bx.IncompleteReadError, bx.ResponseStreamingError,
-             bx.ProxyConnectionError, ConnectionError, TimeoutError)
+             bx.ProxyConnectionError, bx.FlexibleChecksumError, bx.HTTPClientError,
+             ConnectionError, TimeoutError)
 
 
 class S3Store(Store):
