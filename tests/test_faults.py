@@ -245,3 +245,16 @@ def test_fuzz_structured_headers(doc, data_len):
     spans, tensors, warning = plan_spans("m.safetensors", blob, len(blob))
     assert (tensors is None) == (warning is not None)
     assert sum(b - a for a, b in spans) == len(blob)
+
+
+@pytest.mark.parametrize("path", ["../../etc/shadow", "/etc/shadow", "a/../../b", "a\u0000b", "./x", "a//b"])
+def test_hostile_manifest_is_refused_before_mounting(tmp_path, path):
+    doc = {"format": "mlfs.manifest/1", "id": "evil", "version": "v1",
+           "files": [{"path": path, "size": 0, "mode": 420, "blake3": "0" * 64, "chunks": []}]}
+    bad = tmp_path / "evil.json"
+    bad.write_text(json.dumps(doc))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = run_mlfs("mount", "--manifest", bad, "--store", tmp_path, mnt, check=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "invalid file path" in p.stderr
+    assert not os.path.ismount(mnt)

@@ -106,3 +106,13 @@ def test_fuzz_loader_never_crashes(value):
             mf.from_json(candidate)
         except ManifestError:
             pass
+
+
+def test_absurd_counts_are_refused(monkeypatch):
+    monkeypatch.setattr(mf, "MAX_FILES", 1)
+    with pytest.raises(ManifestError, match="too many files"):
+        mf.from_json(doc())
+    monkeypatch.setattr(mf, "MAX_FILES", 10)
+    monkeypatch.setattr(mf, "MAX_CHUNKS", 0)
+    with pytest.raises(ManifestError, match="too many chunk references"):
+        mf.from_json(doc())
