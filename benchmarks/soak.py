@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,17 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import model_family  # noqa: E402
+from _common import free_port, wait_port  # noqa: E402
 from mlfs.faultproxy import FaultProxy  # noqa: E402
 
 MLFS = [sys.executable, "-m", "mlfs"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_figures(pid: int) -> tuple[int, int, int]:
@@ -78,12 +73,7 @@ def main() -> None:
     mounts: list[tuple[Path, subprocess.Popen]] = []
     proxy = None
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_port(port, moto)
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="soak")

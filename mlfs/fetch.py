@@ -20,7 +20,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -42,7 +42,6 @@ class Counters:
     fetch_errors: int = 0
     uncached_chunks: int = 0  # fetched but not admitted to the disk cache (full, unwritable)
     prefetched_bytes: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class ByteBudget:
@@ -198,6 +197,27 @@ class ChunkSource:
     def flush(self) -> None:
         """Wait until every fetched chunk was offered to the disk cache (before unmounting)."""
         self._writer.shutdown(wait=True)
+
+    async def warm(self, chunks: list[tuple[str, int, str]], background: bool = False) -> None:
+        """Load ``(chunk id, size, file path)`` chunks with bounded concurrency; raise the first
+        failure, naming the file (prefetch before readiness, ``--prefetch all``, switch warming)."""
+        errors: list[MlfsError] = []
+        limiter = trio.CapacityLimiter(16)
+
+        async def one(cid: str, size: int, path: str) -> None:
+            async with limiter:
+                try:
+                    await self.get(cid, size, background=background)
+                    if background:
+                        self.counters.prefetched_bytes += size
+                except MlfsError as e:
+                    errors.append(MlfsError(f"cannot fetch {path} (chunk {cid[:16]}): {e}"))
+
+        async with trio.open_nursery() as n:
+            for item in chunks:
+                n.start_soon(one, *item)
+        if errors:
+            raise errors[0]
 
     def snapshot(self) -> dict:
         c = self.counters

@@ -263,11 +263,9 @@ class Operations(pyfuse3.Operations):
             if self.source.peek(cid) is None and not self.source.in_flight(cid):
                 self.nursery.start_soon(self._prefetch, cid, entry.chunk_sizes[i])
 
-    async def _prefetch(self, cid: str, size: int, background: bool = False) -> None:
+    async def _prefetch(self, cid: str, size: int) -> None:
         try:
-            await self.source.get(cid, size, background=background)
-            if background:
-                self.source.counters.prefetched_bytes += size
+            await self.source.get(cid, size)
         except MlfsError as e:
             log.warning("prefetch of chunk %s failed: %s", cid[:16], e)
 

@@ -73,31 +73,6 @@ def prefetch_set(manifest: Manifest) -> list[tuple[str, int, str]]:
     return list(out.values())
 
 
-async def _warm(source: ChunkSource, chunks: list[tuple[str, int, str]], background: bool) -> None:
-    """Load *chunks* into the cache with bounded concurrency; raise the first failure."""
-    errors: list[BaseException] = []
-
-    async def one(cid: str, size: int, path: str) -> None:
-        try:
-            await source.get(cid, size, background=background)
-            if background:
-                source.counters.prefetched_bytes += size
-        except MlfsError as e:
-            errors.append(MlfsError(f"cannot fetch {path} (chunk {cid[:16]}): {e}"))
-
-    limiter = trio.CapacityLimiter(16)
-
-    async def bounded(*args):
-        async with limiter:
-            await one(*args)
-
-    async with trio.open_nursery() as n:
-        for item in chunks:
-            n.start_soon(bounded, *item)
-    if errors:
-        raise errors[0]
-
-
 def _tune_kernel(mountpoint: str, read_ahead_kb: int) -> dict:
     """Raise the bdi read-ahead and FUSE's background request limit for this mount (root only)."""
     done = {}
@@ -162,7 +137,7 @@ def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts:
     # Before the kernel mount: the prefetch set must be cached (a store that is down or a chunk
     # that is missing fails the mount here, with a clear error, not the first read later).
     if manifest is not None:
-        trio.run(_warm, source, prefetch_set(manifest), False)
+        trio.run(source.warm, prefetch_set(manifest))
 
     options = set(pyfuse3.default_options)
     options |= {f"fsname={fsname}", "subtype=mlfs", "ro", "nosuid", "nodev"}
@@ -218,7 +193,7 @@ async def _warm_all(source: ChunkSource, manifest: Manifest) -> None:
         for cid, size in zip(f.chunk_ids, f.chunk_sizes):
             chunks.setdefault(cid, (cid, size, f.path))
     try:
-        await _warm(source, list(chunks.values()), True)
+        await source.warm(list(chunks.values()), background=True)
         log.info("prefetch all: done")
     except MlfsError as e:
         log.warning("prefetch all: %s", e)

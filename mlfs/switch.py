@@ -43,15 +43,13 @@ class Switcher:
         self._lock = trio.Lock()  # one switch at a time
 
     async def _warm(self, files: list[mf.FileEntry]) -> None:
-        from .mount import _warm
-
         need: dict[str, tuple[str, int, str]] = {}
         cache = self.source.cache
         for f in files:
             for cid, size in zip(f.chunk_ids, f.chunk_sizes):
                 if cid not in need and self.source.peek(cid) is None and not cache.contains(cid):
                     need[cid] = (cid, size, f.path)
-        await _warm(self.source, list(need.values()), False)
+        await self.source.warm(list(need.values()))
 
     async def switch(self, new: Tree, *, warm: bool = True, label: str = "") -> dict:
         """Warm (optionally), flip to *new*, invalidate what changed; return the switch's figures."""

@@ -186,6 +186,26 @@ def mounter(tmp_path):
         m.close()
 
 
+def sha(path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (through a mount: many FUSE reads)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def wait_for(pred, timeout: float = 30.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def generate_into(store, model_dir: Path, model_id: str, version: str, tmp_path: Path, **kw) -> Path:
     """Generate and write the manifest to a file; return its path."""
     res = generate(model_dir, store, model_id, version, **kw)

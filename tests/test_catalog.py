@@ -10,7 +10,6 @@ import pytest
 
 from conftest import run_mlfs
 from mlfs import catalog
-from mlfs import manifest as mf
 from mlfs.export import export
 from mlfs.generate import generate
 

@@ -4,20 +4,17 @@ secrets, and fuzzed safetensors headers.  Never wrong bytes; nothing stored is l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
 import struct
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import MLFS, make_bucket, run_mlfs
+from conftest import MLFS, make_bucket, run_mlfs, sha
 from mlfs import catalog
 from mlfs import manifest as mf
 from mlfs.chunking import HeaderError, header_length, parse_safetensors_header
@@ -28,10 +25,6 @@ from mlfs.stores import open_store
 from test_generate import same_tree
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYSECRETKEY"
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @pytest.fixture

@@ -12,22 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import generate_into, run_mlfs
+from conftest import generate_into, run_mlfs, sha, wait_for
 from mlfs import manifest as mf
 from mlfs.generate import generate
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def wait_for(pred, timeout=10.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import botocore.exceptions as bx
 from botocore.config import Config
 
 from .. import config
-from ..errors import ObjectNotFound, StoreError, StoreNotFound, StorePermissionError, StoreUnavailable
+from ..errors import ObjectNotFound, StoreNotFound, StorePermissionError, StoreUnavailable
 from .base import ObjectInfo, Store
 
 _TEMP_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
