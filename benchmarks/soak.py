@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.2)
     ap.add_argument("--cache-size", default="40M")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--drop-every", type=float, default=2.0,
+                    help="drop the kernel page cache this often (s; root) so reads reach the mounts")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -143,8 +145,18 @@ def main() -> None:
                 stats["bytes_verified"] += len(data)
                 stats["wrong_bytes"] += wrong
 
+        drops = [0]
+
         def sampler() -> None:
+            last_drop = time.monotonic()
             while time.monotonic() < deadline:
+                if args.drop_every and time.monotonic() - last_drop >= args.drop_every:
+                    try:
+                        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+                        drops[0] += 1
+                    except OSError:
+                        pass
+                    last_drop = time.monotonic()
                 for _, p in mounts:
                     rss, hwm, fds = proc_figures(p.pid)
                     old = figures[p.pid]
@@ -181,7 +193,7 @@ def main() -> None:
         "faults_survived": c["faults"] if stats["read_errors"] == 0 and alive else None,
         "retries": sum(s.get("retries", 0) for s in mount_stats),
         "corrupt_bodies_refetched": sum(s.get("corrupt_chunks", 0) for s in mount_stats),
-        "mounts_alive": alive,
+        "mounts_alive": alive, "page_cache_drops": drops[0],
         "peak_rss_mib": [round(f[1] / 2**20) for f in figures.values()],
         "max_open_fds": [f[2] for f in figures.values()],
         "cache_bytes_on_disk": cache_bytes, "cache_limit": args.cache_size,
