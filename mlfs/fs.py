@@ -52,8 +52,7 @@ def _guard(fn):
 
 @dataclass(slots=True)
 class Handle:
-    node: Node
-    entry: FileEntry
+    entry: FileEntry  # fixed at open: a handle reads one version to the end, whatever switches
     next_offset: int = 0  # where a sequential reader reads next
     streak: int = 0  # bytes read sequentially so far
     ahead_until: int = 0  # file offset up to which read-ahead was scheduled
@@ -73,7 +72,7 @@ class Operations(pyfuse3.Operations):
         self.retired: dict[int, Node] = {}  # nodes of earlier versions (switches)
         self._next_fh = 1
         self.nursery: trio.Nursery | None = None  # set by mount.py: background work lives here
-        self._tensor_index: dict[str, tuple[list[int], list[int]]] = {}
+        self._tensor_index: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -177,7 +176,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(node, node.entry)
+        self.handles[fh] = Handle(node.entry)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     @_guard
@@ -225,10 +224,10 @@ class Operations(pyfuse3.Operations):
         """
         if start == h.next_offset or h.next_offset - (4 << 20) <= start <= h.ahead_until:
             h.streak += end - start
+            h.next_offset = max(end, h.next_offset)
         else:
             h.streak = end - start
-            h.ahead_until = end
-        h.next_offset = max(end, h.next_offset) if h.streak > end - start else end
+            h.ahead_until = h.next_offset = end
         if h.streak < READAHEAD_MIN or self.nursery is None:
             return
         target = min(end + min(2 * h.streak, READAHEAD_MAX), h.entry.size)
@@ -246,10 +245,11 @@ class Operations(pyfuse3.Operations):
         """
         if not entry.tensors or self.nursery is None:
             return
-        index = self._tensor_index.get(entry.path)
+        key = (entry.path, entry.blake3)  # a switch may put another file at the same path
+        index = self._tensor_index.get(key)
         if index is None:
             spans = sorted((b, e) for b, e, _ in entry.tensors.values() if e > b)
-            index = self._tensor_index[entry.path] = ([b for b, _ in spans], [e for _, e in spans])
+            index = self._tensor_index[key] = ([b for b, _ in spans], [e for _, e in spans])
         begins, ends = index
         i = bisect_right(begins, start - 1) - 1
         if i < 0 or ends[i] <= start:
