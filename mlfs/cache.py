@@ -20,10 +20,15 @@ Invariants, and why they hold with several processes at once:
   semantics), and loads read a whole chunk at once, so eviction never pulls a chunk from under a read.
 - A file present without an index row (a crash between rename and commit) is still valid content;
   ``prune`` reconciles such strays.
+
+Chunk files are read and written with ``O_DIRECT`` where the file system allows it
+(:mod:`mlfs.directio`, docs/adr/0008): a served chunk already sits in the page cache as part of the
+mounted file, and caching the cache file too would hold every byte twice.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sqlite3
@@ -35,6 +40,7 @@ from pathlib import Path
 import blake3
 import sqlite_utils
 
+from . import directio
 from .errors import MlfsError
 
 
@@ -51,6 +57,8 @@ class ChunkCache:
             (self.root / "tmp").mkdir(exist_ok=True)
         except OSError as e:
             raise MlfsError(f"cannot create cache directory {self.root}: {e.strerror}") from None
+        #: Chunk files bypass the page cache where the file system allows it (docs/adr/0008).
+        self.direct = directio.supported(self.root / "tmp")
         self._local = threading.local()
         db = self._db()
         if "chunks" not in db.table_names():
@@ -76,14 +84,18 @@ class ChunkCache:
         return self.root / "chunks" / chunk_id[:2] / chunk_id
 
     # -- reads ----------------------------------------------------------------------------------
-    def get(self, chunk_id: str, size: int) -> bytes | None:
+    def get(self, chunk_id: str, size: int) -> memoryview | None:
         """The verified chunk, or None if absent or found corrupt (then it is removed)."""
         try:
-            with open(self.path(chunk_id), "rb") as f:
-                data = f.read(size + 1)
-        except OSError:
+            data = directio.read_file(self.path(chunk_id), size, self.direct)
+        except FileNotFoundError:
             return None
-        if len(data) != size or blake3.blake3(data).hexdigest() != chunk_id:
+        except OSError as e:
+            if self.direct and e.errno == errno.EINVAL:
+                self.direct = False  # a file system that takes O_DIRECT for some files only
+                return self.get(chunk_id, size)
+            return None
+        if data is None or blake3.blake3(data).hexdigest() != chunk_id:
             self.corrupt += 1
             self._remove(chunk_id)
             return None
@@ -109,8 +121,12 @@ class ChunkCache:
         final = self.path(chunk_id)
         tmp = self.root / "tmp" / f"{chunk_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
+            try:
+                directio.write_file(tmp, data, self.direct)
+            except directio.DirectIOUnsupported:
+                tmp.unlink(missing_ok=True)
+                self.direct = False
+                directio.write_file(tmp, data, False)
         except OSError:
             self.write_errors += 1
             tmp.unlink(missing_ok=True)

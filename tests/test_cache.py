@@ -1,0 +1,113 @@
+"""The chunk cache below the mount: direct I/O round trips, verification on load, the size budget.
+
+Mount-level behaviour (sharing between processes, remounts, a full disk) is in test_mount.py and
+test_faults.py; here the cache is called directly, with O_DIRECT on and off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import blake3
+import pytest
+
+from mlfs import directio
+from mlfs.cache import ChunkCache
+
+PAGE = directio.PAGE
+SIZES = [0, 1, PAGE - 1, PAGE, PAGE + 1, (4 << 20) + 5]
+
+
+def chunk(size: int, seed: int = 0) -> tuple[str, bytes]:
+    data = (bytes([seed % 251]) + os.urandom(17)) * (size // 18 + 1)
+    data = data[:size]
+    return blake3.blake3(data).hexdigest(), data
+
+
+@pytest.fixture(params=["direct", "buffered"])
+def cache(request, tmp_path) -> ChunkCache:
+    c = ChunkCache(tmp_path / "cache", 64 << 20)
+    if request.param == "buffered":
+        c.direct = False
+    return c
+
+
+def test_direct_io_is_used_where_the_file_system_allows_it(tmp_path):
+    # tmp_path is on the machine's disk (ext4/xfs/overlay on CI): O_DIRECT must be taken there, or
+    # the cache silently goes back to doubling every byte in the page cache.
+    assert directio.supported(tmp_path) == ChunkCache(tmp_path / "c", 1 << 20).direct
+    with open("/proc/mounts") as f:
+        fstypes = {line.split()[1]: line.split()[2] for line in f}
+    mount = max((m for m in fstypes if str(tmp_path).startswith(m.rstrip("/") + "/") or m == "/"),
+                key=len)
+    if fstypes[mount] in ("ext4", "xfs", "btrfs", "overlay"):
+        assert directio.supported(tmp_path)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_round_trip_is_byte_exact_for_every_size(cache, size):
+    cid, data = chunk(size)
+    assert cache.put(cid, data)
+    assert os.path.getsize(cache.path(cid)) == size  # padding to whole pages was cut off
+    got = cache.get(cid, size)
+    assert got is not None and bytes(got) == data
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
+def test_damaged_file_is_detected_removed_and_counted(cache, damage):
+    cid, data = chunk(PAGE * 3 + 7)
+    assert cache.put(cid, data)
+    path = cache.path(cid)
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[PAGE + 1] ^= 0x40
+    elif damage == "truncate":
+        raw = raw[:-1]
+    else:
+        raw += b"\0"
+    path.write_bytes(bytes(raw))
+    assert cache.get(cid, len(data)) is None
+    assert cache.corrupt == 1 and not path.exists()
+    assert cache.put(cid, data) and bytes(cache.get(cid, len(data))) == data
+
+
+def test_budget_is_kept_by_evicting_least_recently_used(tmp_path):
+    c = ChunkCache(tmp_path / "cache", 3 * (1 << 20))
+    ids = []
+    for i in range(4):  # the fourth needs room: the least recently used one goes
+        cid, data = chunk(1 << 20, seed=i)
+        ids.append(cid)
+        assert c.put(cid, data)
+        if i == 1:
+            assert c.get(ids[0], 1 << 20) is not None  # touch the first: it must survive
+    st = c.stats()
+    assert st["bytes"] <= 3 << 20 and st["chunks"] == 3
+    assert [c.contains(i) for i in ids] == [True, False, True, True]
+
+
+def test_padded_reuses_our_buffers_and_copies_anything_else():
+    view = directio.buffer(PAGE + 10)
+    view[:] = b"x" * len(view)
+    wide = directio.padded(view)
+    assert len(wide) == 2 * PAGE and wide.obj is view.obj  # widened in place, no copy
+    copied = directio.padded(b"y" * 10)
+    assert len(copied) == PAGE and bytes(copied[:10]) == b"y" * 10
+    offset = directio.padded(view[1:])  # not page-aligned: copied
+    assert offset.obj is not view.obj and bytes(offset[:PAGE + 9]) == b"x" * (PAGE + 9)
+
+
+def test_unsupported_direct_io_falls_back_to_buffered(tmp_path, monkeypatch):
+    c = ChunkCache(tmp_path / "cache", 64 << 20)
+    c.direct = True
+    real = directio.write_file
+
+    def refuse(path, data, direct):
+        if direct:
+            raise directio.DirectIOUnsupported(22, "O_DIRECT refused")
+        return real(path, data, direct)
+
+    monkeypatch.setattr(directio, "write_file", refuse)
+    cid, data = chunk(PAGE + 3)
+    assert c.put(cid, data) and c.direct is False
+    assert bytes(c.get(cid, len(data))) == data
+    assert not list((tmp_path / "cache" / "tmp").iterdir())  # the refused temp file is gone
