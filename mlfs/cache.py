@@ -84,7 +84,7 @@ class ChunkCache:
         return self.root / "chunks" / chunk_id[:2] / chunk_id
 
     # -- reads ----------------------------------------------------------------------------------
-    def get(self, chunk_id: str, size: int) -> memoryview | None:
+    def get(self, chunk_id: str, size: int) -> bytes | None:
         """The verified chunk, or None if absent or found corrupt (then it is removed)."""
         try:
             data = directio.read_file(self.path(chunk_id), size, self.direct)

@@ -85,17 +85,6 @@ def test_budget_is_kept_by_evicting_least_recently_used(tmp_path):
     assert [c.contains(i) for i in ids] == [True, False, True, True]
 
 
-def test_padded_reuses_our_buffers_and_copies_anything_else():
-    view = directio.buffer(PAGE + 10)
-    view[:] = b"x" * len(view)
-    wide = directio.padded(view)
-    assert len(wide) == 2 * PAGE and wide.obj is view.obj  # widened in place, no copy
-    copied = directio.padded(b"y" * 10)
-    assert len(copied) == PAGE and bytes(copied[:10]) == b"y" * 10
-    offset = directio.padded(view[1:])  # not page-aligned: copied
-    assert offset.obj is not view.obj and bytes(offset[:PAGE + 9]) == b"x" * (PAGE + 9)
-
-
 def test_unsupported_direct_io_falls_back_to_buffered(tmp_path, monkeypatch):
     c = ChunkCache(tmp_path / "cache", 64 << 20)
     c.direct = True
