@@ -32,11 +32,8 @@ def _round(n: int) -> int:
 
 
 def _region(size: int) -> memoryview:
-    """Writable, page-aligned, zeroed memory of *size* rounded up to whole pages.
-
-    An anonymous private mapping: it goes back to the system the moment its last view is dropped,
-    so the mount's resident memory follows its budgets instead of malloc's free lists.
-    """
+    """Writable, zeroed memory of *size* rounded up to whole pages, starting on a page boundary
+    (an anonymous private mapping), as ``O_DIRECT`` transfers need."""
     return memoryview(mmap.mmap(-1, _round(size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
 
 
