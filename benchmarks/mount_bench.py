@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -104,6 +105,37 @@ def safe_open_time(path: Path, first_only: bool = False) -> float:
                                 capture_output=True, text=True, check=True).stdout)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a running process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+class CpuMeter:
+    """CPU used during a measure by the S3 server and by the client (a running pid, or waited-for
+    children when pid is None): the cold-read rows show where two shared cores went."""
+
+    def __init__(self, server_pid: int, client_pid: int | None = None) -> None:
+        self.server_pid, self.client_pid = server_pid, client_pid
+
+    def __enter__(self) -> "CpuMeter":
+        self.s0 = cpu_seconds(self.server_pid)
+        self.c0 = cpu_seconds(self.client_pid) if self.client_pid else children_cpu()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server = cpu_seconds(self.server_pid) - self.s0
+        self.client = (cpu_seconds(self.client_pid) if self.client_pid else children_cpu()) - self.c0
+
+    def note(self) -> str:
+        return f"CPU s3rver {self.server:.1f} s, client {self.client:.1f} s"
+
+
 def record(group: str, name: str, seconds: float, note: str = "") -> None:
     results.append((group, name, seconds, note))
     log(f"  {group} | {name}: {seconds:.3f} s {note}")
@@ -154,11 +186,12 @@ def main() -> None:
         log("cold sequential read")
         dl = work / "download.safetensors"
         drop_caches()
-        t = time.perf_counter()
-        subprocess.run([*s5cmd, "cp", "s3://bench/raw/model.safetensors", str(dl)], env=env, check=True,
-                       stdout=subprocess.DEVNULL)
-        s5_time = time.perf_counter() - t
-        record("cold read", "s5cmd cp (download)", s5_time)
+        with CpuMeter(server.pid) as cpu:
+            t = time.perf_counter()
+            subprocess.run([*s5cmd, "cp", "s3://bench/raw/model.safetensors", str(dl)], env=env,
+                           check=True, stdout=subprocess.DEVNULL)
+            s5_time = time.perf_counter() - t
+        record("cold read", "s5cmd cp (download)", s5_time, cpu.note())
         if not args.skip_peers:
             rc = work / "mnt-rclone"
             rc.mkdir()
@@ -170,7 +203,9 @@ def main() -> None:
             try:
                 wait_mount(rc, p)
                 drop_caches()
-                record("cold read", "rclone mount", read_all(rc / "model.safetensors"))
+                with CpuMeter(server.pid, p.pid) as cpu:
+                    dt = read_all(rc / "model.safetensors")
+                record("cold read", "rclone mount", dt, cpu.note())
             finally:
                 umount(rc, p)
             s3 = work / "mnt-s3fs"
@@ -183,15 +218,18 @@ def main() -> None:
             try:
                 wait_mount(s3)
                 drop_caches()
-                record("cold read", "s3fs", read_all(s3 / "model.safetensors"))
+                with CpuMeter(server.pid) as cpu:
+                    dt = read_all(s3 / "model.safetensors")
+                record("cold read", "s3fs", dt, f"CPU s3rver {cpu.server:.1f} s")
             finally:
                 umount(s3)
         cache = work / "cache"
         drop_caches()
         m = MlfsMount(work / "mnt-mlfs", manifest, cache)
         try:
-            record("cold read", "mlfs mount", read_all(m.mnt / "model.safetensors"),
-                   f"(ready in {m.ready:.2f}s)")
+            with CpuMeter(server.pid, m.proc.pid) as cpu:
+                dt = read_all(m.mnt / "model.safetensors")
+            record("cold read", "mlfs mount", dt, f"{cpu.note()} (ready in {m.ready:.2f}s)")
             record("page-cache re-read", "mlfs mount (best of 3)",
                    min(read_all(m.mnt / "model.safetensors") for _ in range(3)))
         finally:

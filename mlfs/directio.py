@@ -1,10 +1,9 @@
-"""Chunk files read and written with ``O_DIRECT``, into page-aligned buffers.
+"""Chunk files read and written with or without ``O_DIRECT``, through page-aligned buffers.
 
-Why (docs/adr/0008-direct-io-cache.md): a chunk served by a mount already lands in the kernel page
-cache once, as a page of the mounted file.  Reading or writing the cache file through the page cache
-as well would keep every byte twice in memory and, measured on this 2-core VM, costs 0.6-1 s of
-kernel CPU per GiB read and 1.2-2.2 s per GiB written (page allocation, memcg charging, copies),
-against about 0.1 s with ``O_DIRECT``, where the disk moves the bytes straight to or from our buffer.
+The cache writes with ``O_DIRECT`` and reads through the page cache (docs/adr/0008-direct-io-cache.md
+has the measurements): a fetched chunk is about to sit in the page cache as part of the mounted
+file, and writing it through the page cache as well costs 1-2 s of kernel CPU per GiB on this VM,
+against about 0.15 s with ``O_DIRECT``; for reads, the kernel's read-ahead made buffered loads faster.
 
 ``O_DIRECT`` wants the buffer address and the transfer length aligned (the logical block size; the
 page size is a multiple of every block size in use), so transfers go through a page-aligned staging
