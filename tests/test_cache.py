@@ -11,6 +11,7 @@ import os
 import blake3
 import pytest
 
+from conftest import require
 from mlfs import directio
 from mlfs.cache import ChunkCache
 
@@ -83,6 +84,20 @@ def test_budget_is_kept_by_evicting_least_recently_used(tmp_path):
     st = c.stats()
     assert st["bytes"] <= 3 << 20 and st["chunks"] == 3
     assert [c.contains(i) for i in ids] == [True, False, True, True]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_read_file_returns_exact_bytes_or_none(tmp_path, direct):
+    if direct:
+        require(directio.supported(tmp_path), "no O_DIRECT on the test file system")
+    for size in SIZES:
+        _, data = chunk(size)
+        path = tmp_path / f"f{size}-{direct}"
+        directio.write_file(path, data, direct)
+        assert directio.read_file(path, size, direct) == data
+        assert directio.read_file(path, size + 1, direct) is None  # shorter than expected
+        if size:
+            assert directio.read_file(path, size - 1, direct) is None  # longer than expected
 
 
 def test_unsupported_direct_io_falls_back_to_buffered(tmp_path, monkeypatch):
