@@ -17,4 +17,5 @@ echo "== dedup (benchmarks/dedup.py)"; $PY benchmarks/dedup.py
 echo "== generate throughput (benchmarks/generate_throughput.py)"; $PY benchmarks/generate_throughput.py
 echo "== manifest load (benchmarks/manifest_load.py)"; $PY benchmarks/manifest_load.py
 echo "== switch (benchmarks/switch_bench.py)"; $PY benchmarks/switch_bench.py
+echo "== cache file I/O (benchmarks/cache_io.py)"; $PY benchmarks/cache_io.py
 echo "== mount vs peers (benchmarks/mount_bench.py)"; $PY benchmarks/mount_bench.py
