@@ -57,7 +57,7 @@ def strategies():
         return chunking.fixed_spans(0, size, MiB)
     yield "one chunk per tensor", per_tensor
 
-    for piece in (256 << 10, MiB, 4 * MiB):
+    for piece in (256 << 10, MiB, 4 * MiB, 8 * MiB, 16 * MiB):
         for policy in ("separate", "pack", "glue"):
             def f(rel, data, size, piece=piece, policy=policy):
                 if rel.endswith(".safetensors"):

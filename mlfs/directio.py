@@ -104,21 +104,27 @@ def read_file(path: str | os.PathLike[str], size: int, direct: bool) -> bytes | 
     return bytes(whole[:size]) if got == size else None
 
 
-def write_file(path: str | os.PathLike[str], data, direct: bool) -> None:
-    """Create *path* holding *data* (the caller renames it into place).  Raises OSError."""
+def write_file(path: str | os.PathLike[str], data, direct: bool, trailer: bytes = b"") -> None:
+    """Create *path* holding *data* followed by *trailer* (the caller renames it into place).
+
+    Raises OSError.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | (_O_DIRECT if direct else 0), 0o644)
     try:
         view = memoryview(data).cast("B")
-        size = len(view)
+        size = len(view) + len(trailer)
         if direct:
             src = _stage(size)[:_round(size)]
-            src[:size] = view
+            src[:len(view)] = view
+            src[len(view):size] = trailer
+            parts = [src]
         else:
-            src = view
-        done = 0
-        while done < len(src):
-            done += os.pwrite(fd, src[done:], done)
-        if direct and len(src) != size:
+            parts = [view, memoryview(trailer)] if trailer else [view]
+        done, total = 0, sum(len(p) for p in parts)
+        while done < total:
+            n = os.pwritev(fd, _tail(parts, done), done)
+            done += n
+        if direct and total != size:
             os.ftruncate(fd, size)
     except OSError as e:
         if direct and e.errno == errno.EINVAL:
@@ -126,6 +132,18 @@ def write_file(path: str | os.PathLike[str], data, direct: bool) -> None:
         raise
     finally:
         os.close(fd)
+
+
+def _tail(parts: list[memoryview], skip: int) -> list[memoryview]:
+    """*parts* without their first *skip* bytes (what is left to write after a short write)."""
+    out = []
+    for p in parts:
+        if skip >= len(p):
+            skip -= len(p)
+            continue
+        out.append(p[skip:])
+        skip = 0
+    return out
 
 
 class DirectIOUnsupported(OSError):

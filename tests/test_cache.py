@@ -13,7 +13,7 @@ import pytest
 
 from conftest import require
 from mlfs import directio
-from mlfs.cache import ChunkCache
+from mlfs.cache import SEAL, ChunkCache
 
 PAGE = directio.PAGE
 SIZES = [0, 1, PAGE - 1, PAGE, PAGE + 1, (4 << 20) + 5]
@@ -49,12 +49,12 @@ def test_direct_io_is_used_where_the_file_system_allows_it(tmp_path):
 def test_round_trip_is_byte_exact_for_every_size(cache, size):
     cid, data = chunk(size)
     assert cache.put(cid, data)
-    assert os.path.getsize(cache.path(cid)) == size  # padding to whole pages was cut off
+    assert os.path.getsize(cache.path(cid)) == size + SEAL  # page padding cut off, seal kept
     got = cache.get(cid, size)
     assert got is not None and bytes(got) == data
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "extend"])
+@pytest.mark.parametrize("damage", ["flip", "flip seal", "truncate", "extend"])
 def test_damaged_file_is_detected_removed_and_counted(cache, damage):
     cid, data = chunk(PAGE * 3 + 7)
     assert cache.put(cid, data)
@@ -62,6 +62,8 @@ def test_damaged_file_is_detected_removed_and_counted(cache, damage):
     raw = bytearray(path.read_bytes())
     if damage == "flip":
         raw[PAGE + 1] ^= 0x40
+    elif damage == "flip seal":
+        raw[-3] ^= 0x01
     elif damage == "truncate":
         raw = raw[:-1]
     else:
@@ -72,8 +74,30 @@ def test_damaged_file_is_detected_removed_and_counted(cache, damage):
     assert cache.put(cid, data) and bytes(cache.get(cid, len(data))) == data
 
 
+def test_file_under_another_chunks_name_is_rejected(cache):
+    # Content and seal intact, but not the chunk asked for (a file copied or renamed by hand).
+    a, data_a = chunk(5000, seed=1)
+    b, data_b = chunk(5000, seed=2)
+    assert cache.put(a, data_a) and cache.put(b, data_b)
+    cache.path(b).write_bytes(cache.path(a).read_bytes())
+    assert cache.get(b, 5000) is None and cache.corrupt == 1
+    assert bytes(cache.get(a, 5000)) == data_a
+
+
+@pytest.mark.parametrize("intact", [True, False])
+def test_unsealed_files_of_older_caches_are_checked_with_blake3(cache, intact):
+    cid, data = chunk(PAGE + 11)
+    assert cache.put(cid, data)
+    old = bytearray(data)
+    if not intact:
+        old[7] ^= 0x10
+    cache.path(cid).write_bytes(bytes(old))  # what mlfs 0.1 wrote: the bytes, no seal
+    got = cache.get(cid, len(data))
+    assert (bytes(got) == data) if intact else (got is None and cache.corrupt == 1)
+
+
 def test_budget_is_kept_by_evicting_least_recently_used(tmp_path):
-    c = ChunkCache(tmp_path / "cache", 3 * (1 << 20))
+    c = ChunkCache(tmp_path / "cache", 3 * ((1 << 20) + SEAL))  # room for three sealed files
     ids = []
     for i in range(4):  # the fourth needs room: the least recently used one goes
         cid, data = chunk(1 << 20, seed=i)
@@ -82,7 +106,7 @@ def test_budget_is_kept_by_evicting_least_recently_used(tmp_path):
         if i == 1:
             assert c.get(ids[0], 1 << 20) is not None  # touch the first: it must survive
     st = c.stats()
-    assert st["bytes"] <= 3 << 20 and st["chunks"] == 3
+    assert st["bytes"] <= 3 * ((1 << 20) + SEAL) and st["chunks"] == 3
     assert [c.contains(i) for i in ids] == [True, False, True, True]
 
 
@@ -105,10 +129,10 @@ def test_unsupported_direct_io_falls_back_to_buffered(tmp_path, monkeypatch):
     c.direct = True
     real = directio.write_file
 
-    def refuse(path, data, direct):
+    def refuse(path, data, direct, trailer=b""):
         if direct:
             raise directio.DirectIOUnsupported(22, "O_DIRECT refused")
-        return real(path, data, direct)
+        return real(path, data, direct, trailer)
 
     monkeypatch.setattr(directio, "write_file", refuse)
     cid, data = chunk(PAGE + 3)
