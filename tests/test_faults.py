@@ -24,6 +24,17 @@ from mlfs.stores import open_store
 
 from test_generate import same_tree
 
+
+def sealed_and_intact(f) -> bool:
+    """A cache file holds bytes whose blake3 is its name, followed by their seal (ADR 0009)."""
+    import blake3
+
+    from mlfs.cache import SEAL, seal
+
+    raw = f.read_bytes()
+    body = raw[:-SEAL]
+    return blake3.blake3(body).hexdigest() == f.name and raw[-SEAL:] == seal(f.name, body)
+
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYSECRETKEY"
 
 
@@ -163,9 +174,7 @@ def test_kill_9_of_one_mount_leaves_the_shared_cache_and_other_mounts_fine(store
     assert report["chunks"] == len(mf.loads(man.read_bytes()).chunk_sizes())
     for f in (cache / "chunks").rglob("*"):
         if f.is_file():
-            import blake3
-
-            assert blake3.blake3(f.read_bytes()).hexdigest() == f.name  # nothing torn
+            assert sealed_and_intact(f)  # nothing torn
 
 
 def test_full_cache_disk_still_serves_correct_bytes(store, family, mounter, tmp_path):
@@ -182,11 +191,9 @@ def test_full_cache_disk_still_serves_correct_bytes(store, family, mounter, tmp_
         s = mnt.stats()
         assert s["cache_write_errors"] > 0 and s["fetch_errors"] == 0
         mnt.close()
-        import blake3
-
         for f in (cache / "chunks").rglob("*"):
             if f.is_file():
-                assert blake3.blake3(f.read_bytes()).hexdigest() == f.name
+                assert sealed_and_intact(f)
     finally:
         subprocess.run(["umount", "-l", str(cache)], capture_output=True)
 

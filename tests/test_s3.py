@@ -1,0 +1,87 @@
+"""The S3 store's direct GET path (docs/adr/0010) against a moto server over HTTP.
+
+Faults on that path (resets, truncated and flipped bodies, 5xx, stalls, 403) are covered by
+test_faults.py through the fault proxy; here: same bytes as boto3, the 404 mapping, and the hand-back
+to boto3 for anything the direct path does not handle.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import make_bucket
+from mlfs.errors import ObjectNotFound, StoreNotFound
+from mlfs.stores import open_store
+from mlfs.stores.s3 import NotDirect
+
+KEYS = {"chunks/ab/empty": b"", "chunks/ab/one": b"x", "a key/with spaces+plus~tilde": b"odd name",
+        "chunks/cd/big": os.urandom((5 << 20) + 3)}
+
+
+@pytest.fixture
+def s3(moto_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    store = open_store(f"s3://{make_bucket(moto_server)}/some prefix")
+    for key, data in KEYS.items():
+        store._put(key, data)
+    return store
+
+
+def counting(store):
+    calls = []
+    real = store.direct.pool.request
+
+    def request(method, url, **kw):
+        calls.append(url)
+        return real(method, url, **kw)
+
+    store.direct.pool.request = request
+    return calls
+
+
+def test_direct_get_returns_what_boto3_returns(s3):
+    assert s3.direct is not None
+    calls = counting(s3)
+    for key, data in KEYS.items():
+        assert s3._get(key) == data
+    assert len(calls) == len(KEYS)  # every GET took the direct path
+    boto = open_store(s3.url)
+    boto.direct = None
+    for key, data in KEYS.items():
+        assert boto._get(key) == data
+
+
+def test_missing_object_and_bucket_are_told_apart(s3, moto_server):
+    with pytest.raises(ObjectNotFound, match="chunks/ef/nothing not found"):
+        s3._get("chunks/ef/nothing")
+    gone = open_store("s3://mlfs-no-such-bucket/x")
+    assert gone.direct is not None
+    with pytest.raises(StoreNotFound, match="does not exist"):
+        gone._get("chunks/ab/one")
+
+
+def test_a_response_the_direct_path_refuses_is_answered_by_boto3(s3, caplog):
+    def refuse(full_key, key):
+        raise NotDirect("HTTP 301 PermanentRedirect")  # e.g. a bucket in another region
+
+    s3.direct.get = refuse
+    sent = []
+    s3.client.meta.events.register("before-send.s3.GetObject",
+                                   lambda request, **kw: sent.append(dict(request.headers)))
+    assert s3._get("chunks/cd/big") == KEYS["chunks/cd/big"]
+    assert s3.direct is None and "using boto3 from now on" in caplog.text
+    # boto3 does not ask for a CRC32 of the body: chunks are checked against their blake3 ids.
+    assert sent and not any(k.lower() == "x-amz-checksum-mode" for k in sent[0])
+    with pytest.raises(ObjectNotFound):
+        s3._get("chunks/ef/nothing")
+
+
+def test_direct_path_can_be_turned_off(moto_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    monkeypatch.setenv("MLFS_S3_DIRECT", "0")
+    assert open_store(f"s3://{make_bucket(moto_server)}").direct is None
+    monkeypatch.setenv("MLFS_S3_DIRECT", "1")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert open_store(f"s3://{make_bucket(moto_server)}").direct is None  # proxies: boto3's job
