@@ -139,3 +139,52 @@ def test_unsupported_direct_io_falls_back_to_buffered(tmp_path, monkeypatch):
     assert c.put(cid, data) and c.direct is False
     assert bytes(c.get(cid, len(data))) == data
     assert not list((tmp_path / "cache" / "tmp").iterdir())  # the refused temp file is gone
+
+
+def test_running_totals_match_the_index_whatever_touches_it(tmp_path):
+    c = ChunkCache(tmp_path / "cache", 5 * (PAGE + SEAL))
+    ids = []
+    for i in range(8):  # admissions with evictions once five are in
+        cid, data = chunk(PAGE, seed=i)
+        ids.append(cid)
+        assert c.put(cid, data)
+    c.path(ids[-1]).write_bytes(b"damaged")
+    assert c.get(ids[-1], PAGE) is None  # removal of a damaged file
+    c.shrink(2 * (PAGE + SEAL))
+    db = c._db()
+    exact = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM chunks").fetchone()
+    assert exact == (2, 2 * (PAGE + SEAL))
+    assert (c.stats()["chunks"], c.stats()["bytes"]) == exact
+
+
+def test_index_of_an_older_cache_gets_its_totals(tmp_path):
+    import sqlite3
+
+    root = tmp_path / "cache"
+    (root / "chunks").mkdir(parents=True)
+    conn = sqlite3.connect(root / "index.db")  # the layout mlfs wrote before totals existed
+    conn.execute("CREATE TABLE chunks ([id] TEXT PRIMARY KEY, [size] INTEGER, [atime] FLOAT)")
+    conn.executemany("INSERT INTO chunks VALUES (?, ?, 0)", [("a" * 64, 10), ("b" * 64, 32)])
+    conn.commit()
+    conn.close()
+    c = ChunkCache(root, 1 << 20)
+    assert (c.stats()["chunks"], c.stats()["bytes"]) == (2, 42)
+    cid, data = chunk(100)
+    assert c.put(cid, data) and c.stats()["bytes"] == 42 + 100 + SEAL
+
+
+def test_seals_are_not_trusted_where_others_can_write_chunk_files(tmp_path):
+    # A seal is a checksum anyone can compute: in a cache directory that other users can write,
+    # a planted file with a valid seal must still fail, because loads then re-hash with blake3.
+    from mlfs.cache import seal
+
+    root = tmp_path / "shared"
+    assert ChunkCache(root, 1 << 20).trust_seals  # created by the cache: 0755 whatever the umask
+    os.chmod(root / "chunks", 0o777)
+    c = ChunkCache(root, 1 << 20)
+    assert not c.trust_seals
+    cid, data = chunk(PAGE)
+    assert c.put(cid, data) and bytes(c.get(cid, PAGE)) == data
+    forged = bytes(PAGE)
+    c.path(cid).write_bytes(forged + seal(cid, forged))
+    assert c.get(cid, PAGE) is None and c.corrupt == 1
