@@ -69,13 +69,16 @@ def _private(path: Path) -> bool:
 
 
 def _unseal(chunk_id: str, raw: bytes) -> bytes | None:
-    """The content of a whole cache file if it checks out (sealed or older unsealed), else None."""
+    """The content of a whole cache file found outside the index (``prune``), or None.
+
+    Rare, so always checked with blake3 against the name: a stray is admitted only if it is the
+    chunk, sealed or written before seals existed.
+    """
     if len(chunk_id) != 64 or any(c not in "0123456789abcdef" for c in chunk_id):
         return None
-    if len(raw) >= SEAL and raw[-SEAL:] == seal(chunk_id, memoryview(raw)[:-SEAL]):
-        return raw[:-SEAL]
-    if blake3.blake3(raw).hexdigest() == chunk_id:
-        return raw
+    for body in ((raw[:-SEAL],) if len(raw) >= SEAL else ()) + (raw,):
+        if blake3.blake3(body).hexdigest() == chunk_id:
+            return body
     return None
 
 

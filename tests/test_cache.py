@@ -188,3 +188,20 @@ def test_seals_are_not_trusted_where_others_can_write_chunk_files(tmp_path):
     forged = bytes(PAGE)
     c.path(cid).write_bytes(forged + seal(cid, forged))
     assert c.get(cid, PAGE) is None and c.corrupt == 1
+
+
+def test_prune_indexes_genuine_strays_and_removes_the_rest(tmp_path):
+    from mlfs.cache import seal
+
+    c = ChunkCache(tmp_path / "cache", 1 << 20)
+    good, data = chunk(3000, seed=1)
+    old, old_data = chunk(2000, seed=2)
+    forged, _ = chunk(1000, seed=3)
+    for cid, raw in ((good, data + seal(good, data)), (old, old_data),  # sealed; pre-seal layout
+                     (forged, bytes(1000) + seal(forged, bytes(1000)))):  # valid seal, wrong bytes
+        c.path(cid).parent.mkdir(exist_ok=True)
+        c.path(cid).write_bytes(raw)  # a crash between rename and commit leaves such files
+    report = c.prune()
+    assert report["strays_indexed"] == 2 and report["chunks"] == 2
+    assert bytes(c.get(good, 3000)) == data and bytes(c.get(old, 2000)) == old_data
+    assert not c.path(forged).exists()
