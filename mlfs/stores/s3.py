@@ -230,9 +230,9 @@ class DirectGet:
             raise ConnectionError(f"GET {key}: {type(e).__name__}: {e}") from None
         status = resp.status
         if status == 200:
-            length = resp.headers.get("Content-Length")
-            if length is not None and int(length) != len(body):
-                raise ConnectionError(f"GET {key}: {len(body)} of {length} bytes")
+            length = resp.headers.get("Content-Length", str(len(body)))
+            if length != str(len(body)):  # urllib3 checks this too; a short body is a retry
+                raise ConnectionError(f"GET {key}: {len(body)} bytes, Content-Length {length[:20]!r}")
             return body
         code = _error_code(body)
         if status == 404:
