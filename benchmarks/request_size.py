@@ -4,7 +4,8 @@ ranged GETs of 4, 16 and 64 MiB from one object, 8 requests at a time, s3rver's 
     python benchmarks/request_size.py [--size-gib 1]
 
 The client side is the same lean GET for every row (botocore's SigV4 signer + urllib3, the body read
-into a reused buffer, nothing verified or stored), so the rows differ in request count only.  This
+into a reused buffer, nothing verified or stored), so the rows differ in request count only; s5cmd's
+download of the same object, in the same passes, is the reference (a Go client, writing to disk).  This
 is the measurement behind the "fewer, larger requests" item of the README (docs/adr/0011).
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -73,7 +76,16 @@ def main() -> None:
             ranges = [(raw, (o, min(o + part * MiB, size))) for o in range(0, size, part * MiB)]
             shapes.append((f"ranged GETs of {part} MiB ({len(ranges)} GETs)", ranges))
         rows = []
+        s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
+        dl = args.work / "download"
         for _ in range(2):  # two passes, interleaved: this VM's speed drifts
+            dl.unlink(missing_ok=True)
+            drop_caches()
+            s0, t = cpu_seconds(server.pid), time.perf_counter()
+            subprocess.run([s5, "--endpoint-url", endpoint, "cp", "s3://bench/raw/model.safetensors",
+                            str(dl)], env=env, check=True, stdout=subprocess.DEVNULL)
+            rows.append(("s5cmd cp, 50 MiB parts (reference)", size, time.perf_counter() - t,
+                         cpu_seconds(server.pid) - s0, float("nan")))
             for label, reqs in shapes:
                 drop_caches()
                 s0, c0, t = cpu_seconds(server.pid), time.process_time(), time.perf_counter()
@@ -85,7 +97,8 @@ def main() -> None:
           f"{args.threads} requests at a time, {os.cpu_count()} cores\n")
     print(f"  {'shape':<40} {'MB/s':>6} {'s3rver CPU':>11} {'client CPU':>11}")
     for label, got, dt, server_cpu, client_cpu in rows:
-        print(f"  {label:<40} {got / dt / 1e6:6.0f} {server_cpu:9.2f} s {client_cpu:9.2f} s")
+        client = "-" if client_cpu != client_cpu else f"{client_cpu:9.2f} s"  # nan: not measured
+        print(f"  {label:<40} {got / dt / 1e6:6.0f} {server_cpu:9.2f} s {client:>11}")
 
 
 if __name__ == "__main__":
