@@ -82,7 +82,9 @@ def _stage(size: int) -> memoryview:
 def read_file(path: str | os.PathLike[str], size: int, direct: bool) -> bytes | None:
     """The file's bytes if it holds exactly *size* bytes; None if it is longer or shorter.
 
-    Raises OSError if it cannot be opened or read.
+    Raises OSError if it cannot be opened or read.  The cache reads its (sealed) files itself,
+    buffered (ChunkCache._read); this is the plain transfer that ``benchmarks/cache_io.py`` times
+    both ways, which is how buffered reads were chosen (docs/adr/0008).
     """
     if not direct:  # no alignment needed: read straight into the bytes object
         with open(path, "rb") as f:
