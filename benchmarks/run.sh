@@ -19,3 +19,5 @@ echo "== manifest load (benchmarks/manifest_load.py)"; $PY benchmarks/manifest_l
 echo "== switch (benchmarks/switch_bench.py)"; $PY benchmarks/switch_bench.py
 echo "== cache file I/O (benchmarks/cache_io.py)"; $PY benchmarks/cache_io.py
 echo "== mount vs peers (benchmarks/mount_bench.py)"; $PY benchmarks/mount_bench.py
+echo "== read-path A/B (benchmarks/read_path_ab.py)"; $PY benchmarks/read_path_ab.py
+echo "== GET size vs S3 server CPU (benchmarks/request_size.py)"; $PY benchmarks/request_size.py
