@@ -21,3 +21,4 @@ echo "== cache file I/O (benchmarks/cache_io.py)"; $PY benchmarks/cache_io.py
 echo "== mount vs peers (benchmarks/mount_bench.py)"; $PY benchmarks/mount_bench.py
 echo "== read-path A/B (benchmarks/read_path_ab.py)"; $PY benchmarks/read_path_ab.py
 echo "== GET size vs S3 server CPU (benchmarks/request_size.py)"; $PY benchmarks/request_size.py
+echo "== CPU budget behind the unmet targets (benchmarks/bounds.py)"; $PY benchmarks/bounds.py
