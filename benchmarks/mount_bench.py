@@ -96,19 +96,23 @@ class MlfsMount:
         umount(self.mnt, self.proc)
 
 
+# safetensors (0.8) returns tensors backed by its mmap of the file: load_file and get_tensor read
+# almost nothing until the tensor is used.  A load is timed until every byte is in the process's own
+# memory (``clone()``, what moving a model to a device does), or it would measure opening the file.
+LOAD_FILE = ("import sys,time,torch; from safetensors.torch import load_file; t=time.perf_counter(); "
+             "d={k: v.clone() for k, v in load_file(sys.argv[1]).items()}; print(time.perf_counter()-t)")
+SAFE_OPEN = ("import sys,time,torch; from safetensors import safe_open; t=time.perf_counter(); "
+             "f=safe_open(sys.argv[1],'pt'); ks=list(f.keys()); ks=ks[:1] if sys.argv[2]=='1' else ks; "
+             "d=[f.get_tensor(k).clone() for k in ks]; print(time.perf_counter()-t)")
+
+
 def load_file_time(path: Path) -> float:
-    code = ("import sys,time,torch; from safetensors.torch import load_file; t=time.perf_counter(); "
-            "d=load_file(sys.argv[1]); s=sum(v.numel() for v in d.values()); "
-            "print(time.perf_counter()-t)")
-    return float(subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+    return float(subprocess.run([sys.executable, "-c", LOAD_FILE, str(path)], capture_output=True, text=True,
                                 check=True).stdout)
 
 
 def safe_open_time(path: Path, first_only: bool = False) -> float:
-    code = ("import sys,time,torch; from safetensors import safe_open; t=time.perf_counter(); f=safe_open(sys.argv[1],'pt'); "
-            "ks=list(f.keys()); ks=ks[:1] if sys.argv[2]=='1' else ks; "
-            "[f.get_tensor(k) for k in ks]; print(time.perf_counter()-t)")
-    return float(subprocess.run([sys.executable, "-c", code, str(path), "1" if first_only else "0"],
+    return float(subprocess.run([sys.executable, "-c", SAFE_OPEN, str(path), "1" if first_only else "0"],
                                 capture_output=True, text=True, check=True).stdout)
 
 

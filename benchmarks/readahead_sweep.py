@@ -1,5 +1,6 @@
-"""safe_open over every tensor through a warm mlfs mount, for several kernel read-ahead sizes,
-beside the same load from local disk (page cache dropped before each run; needs root).
+"""safe_open over every tensor (each cloned, so every byte is read) through a warm mlfs mount, for
+several kernel read-ahead sizes, beside the same load from local disk (page cache dropped before each
+run; needs root).
 
     python benchmarks/readahead_sweep.py MANIFEST CACHE_DIR LOCAL_FILE [--sizes 1M,4M,16M]
 
@@ -19,8 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import drop_caches  # noqa: E402
 
+# get_tensor returns a tensor backed by safetensors' mmap: clone() makes the load read every byte
+# (benchmarks/mount_bench.py says why).
 LOAD = ("import sys,time,torch; from safetensors import safe_open; t=time.perf_counter(); "
-        "f=safe_open(sys.argv[1],'pt'); [f.get_tensor(k) for k in f.keys()]; print(time.perf_counter()-t)")
+        "f=safe_open(sys.argv[1],'pt'); d=[f.get_tensor(k).clone() for k in f.keys()]; "
+        "print(time.perf_counter()-t)")
 
 
 def load(path: str) -> float:
