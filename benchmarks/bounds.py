@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import drop_caches  # noqa: E402
-from mount_bench import S5CMD, MlfsMount, bench_store, children_cpu, cpu_seconds  # noqa: E402
+from mount_bench import S5CMD, MlfsMount, bench_store, children_cpu, cpu_seconds, read_all  # noqa: E402
 
 GiB = 1 << 30
 rows: list[tuple[str, str, float, dict[str, float]]] = []
@@ -48,12 +48,9 @@ def row(group: str, name: str, wall: float, cpu: dict[str, float]) -> None:
 
 def read_file(path: Path, bufsize: int = 1 << 20) -> tuple[float, float]:
     """Wall and this process's CPU for reading *path* once with *bufsize* reads."""
-    buf = bytearray(bufsize)
-    c, t = time.process_time(), time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
-    return time.perf_counter() - t, time.process_time() - c
+    c = time.process_time()
+    wall = read_all(path, bufsize)
+    return wall, time.process_time() - c
 
 
 def drop_file_pages(path: Path) -> None:
