@@ -54,7 +54,8 @@ def read_file(path: Path, bufsize: int = 1 << 20) -> tuple[float, float]:
 
 
 def drop_file_pages(path: Path) -> None:
-    """Drop one file's pages from the page cache (works for a FUSE file: keep_cache is per open)."""
+    """Drop one file's pages from the page cache (a FUSE file's too), so that the next read goes
+    through the mount again while everything else stays where it is."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
