@@ -123,8 +123,9 @@ def main() -> None:
             while f.read(1 << 20):
                 pass
         s = json.loads(mlfs("stats", mnt, "--json", capture=True))
-        print(f"remounted and read the whole model: {s['cache_hits']} chunk loads from the cache "
-              f"(it survives unmount); fetched {s['bytes_fetched']} bytes from the store")
+        print(f"remounted and read the whole model: {s['disk_hits']} chunk loads from the disk "
+              f"cache (it survives unmount), {s['memory_hits']} reads answered from memory; "
+              f"fetched {s['bytes_fetched']} bytes from the store")
     finally:
         mlfs("umount", mnt)
     print("\ndemo done: store, cache and manifests are in", OUT)

@@ -44,7 +44,7 @@ import sqlite_utils
 import xxhash
 
 from . import directio
-from .errors import MlfsError
+from .errors import CacheError
 
 log = logging.getLogger("mlfs.cache")
 
@@ -90,23 +90,29 @@ class ChunkCache:
         self.max_bytes = max_bytes
         self.corrupt = 0  # corrupt files found (and removed) by this process
         self.write_errors = 0
+        self._local = threading.local()
         try:
             # What the cache creates only its user can write, whatever the umask (seals, ADR 0009).
             self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
             (self.root / "chunks").mkdir(mode=0o755, exist_ok=True)
             (self.root / "tmp").mkdir(mode=0o755, exist_ok=True)
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+            #: Chunk files are written past the page cache where the file system allows it
+            #: (ADR 0008).
+            self.direct = directio.supported(self.root / "tmp")
+            self._init_index()
         except OSError as e:
-            raise MlfsError(f"cannot create cache directory {self.root}: {e.strerror}") from None
-        #: Chunk files are written past the page cache where the file system allows it (ADR 0008).
-        self.direct = directio.supported(self.root / "tmp")
+            raise CacheError(f"cannot use cache directory {self.root}: "
+                             f"{e.strerror or e} (choose another with --cache-dir)") from None
+        except sqlite3.Error as e:
+            raise CacheError(f"cannot open the cache index {self.root / 'index.db'}: {e}") from None
         #: Seals are checked on load only where nobody else can write chunk files; elsewhere loads
         #: re-hash with blake3, which cannot be forged (docs/adr/0009).
         self.trust_seals = _private(self.root) and _private(self.root / "chunks")
         if not self.trust_seals:
             log.warning("cache directory %s is writable by other users: every load is re-hashed "
                         "with blake3", self.root)
-        self._local = threading.local()
-        self._init_index()
 
     def _init_index(self) -> None:
         """Create the index, or bring one written by an older mlfs up to date (any number of

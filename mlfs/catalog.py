@@ -57,12 +57,10 @@ def load_all(store: Store, model_id: str | None = None, threads: int = 16) -> li
 def list_aliases(store: Store) -> dict[tuple[str, str], list[str]]:
     """(id, version) → alias names."""
     out: dict[tuple[str, str], list[str]] = {}
-    for info in store._list("aliases/"):
-        parts = info.key.split("/")
-        if len(parts) == 3:
-            version = store.get_alias(parts[1], parts[2])
-            if version:
-                out.setdefault((parts[1], version), []).append(parts[2])
+    for model_id, name, _ in store.list_alias_names():
+        version = store.get_alias(model_id, name)
+        if version:
+            out.setdefault((model_id, version), []).append(name)
     return out
 
 
@@ -132,11 +130,11 @@ def remove(store: Store, model_id: str, version: str) -> list[str]:
     store.check()
     mf.check_name("model id", model_id)
     mf.check_name("version", version)
-    if store._head(f"manifests/{model_id}/{version}.json") is None:
+    if not store.has_manifest(model_id, version):
         raise ObjectNotFound(f"no manifest {model_id}@{version} in {store.describe()}")
     removed = [a for a in list_aliases(store).get((model_id, version), [])]
     for alias in removed:
-        store.retry(lambda a=alias: store._delete(f"aliases/{model_id}/{a}"), "delete alias")
+        store.delete_alias(model_id, alias)
     store.delete_manifest(model_id, version)
     return removed
 
@@ -183,7 +181,7 @@ def gc(store: Store, grace: float = 3600.0, dry_run: bool = False) -> GcResult:
             res.deleted += 1
             res.deleted_bytes += info.size
             continue
-        fresh = store.retry(lambda c=cid: store._head(f"chunks/{c[:2]}/{c}"), "head chunk")
+        fresh = store.head_chunk(cid)
         checked = time.monotonic()
         if fresh is None:
             continue

@@ -33,7 +33,7 @@ class Group(click.Group):
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except Exception as e:  # noqa: BLE001 - the promise is: no traceback, a clear line
-            if os.environ.get("MLFS_DEBUG"):
+            if config.DEBUG:
                 raise
             _fail(f"unexpected {type(e).__name__}: {e} (MLFS_DEBUG=1 shows the traceback)", 1)
 
@@ -78,10 +78,16 @@ def _progress(total: int, label: str):
                    "other key. Repeatable.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write the manifest here "
               "('-' for stdout; default: stdout when not a terminal).")
-@click.option("--threads", default=8, show_default=True, help="Hashing/upload threads.")
+@click.option("--threads", default=config.DEFAULT_THREADS, show_default=True,
+              type=click.IntRange(1, config.MAX_THREADS), help="Hashing/upload threads.")
+@click.option("--force", is_flag=True, help="Replace ID@VERSION if it is already published with "
+              "other content (published versions are otherwise immutable).")
 def generate(model_dir, store_url, endpoint_url, model_id, version, prefetch, metadata, output,
-             threads):
-    """Store MODEL_DIR as deduplicated chunks and publish its manifest ID@VERSION."""
+             threads, force):
+    """Store MODEL_DIR as deduplicated chunks and publish its manifest ID@VERSION.
+
+    Publishing the same content again is a no-op; other content under a published ID@VERSION is
+    refused unless --force."""
     from .generate import generate as run, scan_model_dir
     from .report import human
     from .stores import open_store
@@ -101,27 +107,52 @@ def generate(model_dir, store_url, endpoint_url, model_id, version, prefetch, me
     with bar:
         res = run(model_dir, store, model_id, version,
                   prefetch=[p.strip() for p in prefetch.split(",") if p.strip()] if prefetch else None,
-                  metadata=meta, progress=update, threads=threads)
+                  metadata=meta, progress=update, threads=threads, force=force)
     for w in res.warnings:
         click.echo(f"mlfs: warning: {w}", err=True)
     data = res.manifest.dumps()
     if output and output != "-":
-        _write_atomic(output, data)
+        write_output(output, data)
     elif output == "-" or not sys.stdout.isatty():
         sys.stdout.buffer.write(data)
     share = res.dedup_bytes / res.logical_bytes if res.logical_bytes else 0.0
+    what = {"unchanged": "already published with this content (nothing changed)",
+            "replaced": "replaced the published version (--force)"}.get(res.outcome, res.outcome)
     click.echo(f"{res.manifest.ref}: {res.files} files, {human(res.logical_bytes)} logical, "
                f"{res.unique_chunks} chunks; uploaded {res.new_chunks} new chunks "
                f"({human(res.new_bytes)}); deduplicated {human(res.dedup_bytes)} ({share:.1%}); "
-               f"digest {res.manifest.digest}", err=True)
+               f"{what}; digest {res.manifest.digest}", err=True)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
+def write_output(path: str, data: bytes) -> None:
+    """Write *data* to *path*: a new or regular file is replaced atomically (temp file + rename);
+    anything else (``/dev/null``, a FIFO, a terminal) is written as it is, never replaced."""
+    import stat as stat_
+
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise click.ClickException(f"cannot write {path}: {e.strerror}") from None
+    try:
+        if st is not None and not stat_.S_ISREG(st.st_mode):
+            with open(path, "wb") as f:
+                f.write(data)
+            return
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            if st is not None:
+                os.chmod(tmp, stat_.S_IMODE(st.st_mode))
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
     except OSError as e:
         raise click.ClickException(f"cannot write {path}: {e.strerror}") from None
 
@@ -172,8 +203,12 @@ def diff(manifest_a, manifest_b, store_url, endpoint_url, as_json):
 @click.argument("manifest", required=False)
 @click.argument("dest_dir", type=click.Path(file_okay=False))
 @_manifest_args
-def export(manifest, dest_dir, store_url, endpoint_url, model_id, version):
-    """Rebuild a manifest's files byte-exact into DEST_DIR (no FUSE needed)."""
+@click.option("--force", is_flag=True, help="Write into a non-empty DEST_DIR, replacing files.")
+def export(manifest, dest_dir, store_url, endpoint_url, model_id, version, force):
+    """Rebuild a manifest's files byte-exact into DEST_DIR (no FUSE needed).
+
+    The files are built and verified beside DEST_DIR and moved in only when all are complete: a
+    failure leaves DEST_DIR as it was."""
     from .export import export as run
     from .report import human
     from .resolve import resolve
@@ -184,7 +219,7 @@ def export(manifest, dest_dir, store_url, endpoint_url, model_id, version):
         raise click.UsageError("the manifest names no store: pass --store")
     bar, update = _progress(m.logical_size, f"export {m.ref}")
     with bar:
-        n = run(m, store, dest_dir, progress=update)
+        n = run(m, store, dest_dir, progress=update, force=force)
     click.echo(f"{m.ref}: {len(m.files)} files, {human(n)} written to {dest_dir}, all verified",
                err=True)
 
@@ -198,26 +233,31 @@ def export(manifest, dest_dir, store_url, endpoint_url, model_id, version):
               "mounts [default: $MLFS_CACHE_DIR or $XDG_CACHE_HOME/mlfs].")
 @click.option("--cache-size", default=config.DEFAULT_CACHE_SIZE, show_default=True,
               help="Disk cache budget, e.g. 20G.")
-@click.option("--memory", default="256M", show_default=True,
+@click.option("--memory", default=config.DEFAULT_MEMORY, show_default=True,
               help="In-memory chunk buffer budget (plus as much again for data in flight).")
 @click.option("--prefetch", type=click.Choice(["manifest", "all"]), default="manifest",
               show_default=True, help="'all' warms the whole model in the background.")
-@click.option("--timeout", default=30.0, show_default=True,
+@click.option("--timeout", default=config.DEFAULT_READ_TIMEOUT, show_default=True,
+              type=click.FloatRange(min=1.0),
               help="Seconds after which a read of an unobtainable chunk fails with EIO.")
-@click.option("--read-ahead", default="1M", show_default=True,
+@click.option("--read-ahead", default=config.DEFAULT_READ_AHEAD, show_default=True,
               help="Kernel read-ahead of the mount (larger streams faster, smaller stays lazier).")
 @click.option("--no-warm", is_flag=True, help="On a switch, flip at once and fetch lazily "
               "(default: fetch the new version's missing chunks first).")
 @click.option("--digest", help="Serve (and switch to) only a manifest with this digest.")
-@click.option("--poll", default=30.0, show_default=True,
+@click.option("--poll", default=config.DEFAULT_CATALOG_POLL, show_default=True,
+              type=click.FloatRange(min=0.1),
               help="Catalog mounts (--store alone): seconds between looks for new versions/aliases.")
+@click.option("--allow-model-change", is_flag=True, help="Let a replaced --manifest file switch "
+              "the mount to another model id (default: refused).")
 @click.option("--allow-other", is_flag=True, help="Let other users (containers) see the mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Daemon log [default: in the cache dir].")
 @click.option("--debug", is_flag=True, help="Verbose logging.")
 @click.option("--ready-fd", type=int, hidden=True)
 def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, cache_dir,
-          cache_size, memory, prefetch, timeout, read_ahead, no_warm, digest, poll, allow_other, foreground, log_file, debug, ready_fd):
+          cache_size, memory, prefetch, timeout, read_ahead, no_warm, digest, poll,
+          allow_model_change, allow_other, foreground, log_file, debug, ready_fd):
     """Mount a model version read-only at MOUNTPOINT.
 
     \b
@@ -241,7 +281,9 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
             resolve(manifest_src, store_url, model_id=model_id, version=version,
                     endpoint_url=endpoint_url)
         logf = Path(log_file) if log_file else cache / "logs" / f"mount-{os.getpid()}.log"
-        pid = spawn(sys.argv[1:], mountpoint, logf)
+        pid, warning = spawn(sys.argv[1:], mountpoint, logf)
+        if warning:
+            click.echo(f"mlfs: warning: {warning}", err=True)
         click.echo(f"mounted at {mountpoint} (pid {pid}, log {logf})", err=True)
         return
 
@@ -251,9 +293,14 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    def ready(error):
+    def ready(outcome):
+        """None: ready; a string: ready with a warning; an exception: failed before ready."""
+        if isinstance(outcome, str):
+            click.echo(f"mlfs: warning: {outcome}", err=True)
         if ready_fd is not None:
-            os.write(ready_fd, b"ready" if error is None else f"error: {error}".encode())
+            msg = ("ready" if outcome is None else f"ready: {outcome}" if isinstance(outcome, str)
+                   else f"error: {outcome}")
+            os.write(ready_fd, msg.encode())
             os.close(ready_fd)
 
     try:
@@ -269,7 +316,8 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
                             allow_other=allow_other, prefetch_all=prefetch == "all",
                             watch=watch, switch_warm=not no_warm, catalog_poll=poll, digest=digest,
                             memory_bytes=config.parse_size(memory), timeout=timeout,
-                            read_ahead_kb=config.parse_size(read_ahead) // 1024, debug=debug)
+                            read_ahead_kb=config.parse_size(read_ahead) // 1024,
+                            allow_model_change=allow_model_change, debug=debug)
         serve(m, store, mountpoint, opts, ready=ready)
     except MlfsError as e:
         ready(e)
@@ -281,7 +329,7 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
 @click.option("--lazy", "-z", is_flag=True, help="Detach now even if files are open.")
 def umount(mountpoint, lazy):
     """Unmount an mlfs mount (also clears a mount whose process died)."""
-    from .mount import unmount
+    from .client import unmount
 
     unmount(mountpoint, lazy)
 
@@ -291,7 +339,7 @@ def umount(mountpoint, lazy):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def stats(mountpoint, as_json):
     """Counters of a running mount: bytes served and fetched, cache hits, errors, version."""
-    from .mount import read_stats
+    from .client import read_stats
 
     s = read_stats(mountpoint)
     if as_json:
@@ -408,7 +456,7 @@ def rm_cmd(store_url, endpoint_url, ref):
 @main.command("gc")
 @_store_arg
 @click.option("--dry-run", is_flag=True, help="Report what would be deleted; delete nothing.")
-@click.option("--grace", default="1h", show_default=True,
+@click.option("--grace", default=config.GC_GRACE, show_default=True,
               help="Keep unreferenced chunks younger than this (a generate may be publishing them).")
 @click.option("--json", "as_json", is_flag=True)
 def gc_cmd(store_url, endpoint_url, dry_run, grace, as_json):
@@ -487,20 +535,20 @@ def alias_ls(store_url, endpoint_url, model_id):
 @_manifest_args
 @click.option("--no-warm", is_flag=True, help="Flip at once; fetch the new chunks lazily.")
 @click.option("--digest", help="Refuse the switch unless the manifest has this digest.")
+@click.option("--allow-model-change", is_flag=True,
+              help="Allow switching to a manifest of another model id.")
 @click.option("--json", "as_json", is_flag=True)
-def switch(mountpoint, manifest, store_url, endpoint_url, model_id, version, no_warm, digest, as_json):
+def switch(mountpoint, manifest, store_url, endpoint_url, model_id, version, no_warm, digest,
+           allow_model_change, as_json):
     """Switch a live mount to another version; returns when the switch is complete.
 
     \b
       mlfs switch /mnt/model minilm-v2.json
       mlfs switch /mnt/model --store s3://models --version v2     (same model id)
     """
-    import tempfile
-
-    from .mount import read_stats
+    from .client import read_stats, request_switch, temp_manifest
     from .report import human
     from .resolve import resolve
-    from .switch import request_switch
 
     stats = read_stats(mountpoint)
     if not stats.get("control"):
@@ -508,13 +556,12 @@ def switch(mountpoint, manifest, store_url, endpoint_url, model_id, version, no_
     if manifest is None and version and not model_id:
         model_id = stats.get("id")
     m, _ = resolve(manifest, store_url, model_id=model_id, version=version, endpoint_url=endpoint_url)
+    kw = {"warm": not no_warm, "digest": digest, "allow_model_change": allow_model_change}
     if manifest and os.path.isfile(manifest):
-        result = request_switch(stats["control"], manifest, warm=not no_warm, digest=digest)
+        result = request_switch(stats["control"], manifest, **kw)
     else:
-        with tempfile.NamedTemporaryFile(suffix=".json", dir=os.path.dirname(stats["control"])) as tmp:
-            tmp.write(m.dumps())
-            tmp.flush()
-            result = request_switch(stats["control"], tmp.name, warm=not no_warm, digest=digest)
+        with temp_manifest(m.dumps()) as path:
+            result = request_switch(stats["control"], path, **kw)
     if as_json:
         click.echo(json.dumps(result))
     else:

@@ -1,4 +1,8 @@
-"""Defaults and the ``MLFS_*`` environment variables, read in one place."""
+"""Defaults and the ``MLFS_*`` environment variables, read in one place.
+
+Every tunable default of mlfs lives here, so a number appears once.  Environment variables are read
+when this module is first imported: set them before importing mlfs (the test suite's conftest does).
+"""
 
 from __future__ import annotations
 
@@ -24,14 +28,36 @@ RETRY_DEADLINE = float(os.environ.get("MLFS_RETRY_DEADLINE", "20"))
 #: Per-request socket timeouts for S3 (seconds).
 S3_CONNECT_TIMEOUT = float(os.environ.get("MLFS_S3_CONNECT_TIMEOUT", "5"))
 S3_READ_TIMEOUT = float(os.environ.get("MLFS_S3_READ_TIMEOUT", "10"))
+#: ``MLFS_S3_DIRECT=0`` sends every S3 GET through boto3 instead of the direct path (ADR 0010).
+S3_DIRECT = os.environ.get("MLFS_S3_DIRECT", "1") != "0"
 
 #: gc deletes a chunk only if the HEAD that showed it old happened less than this long ago (s);
 #: generate waits longer than this after refreshing existing chunks before checking they are still
 #: there (docs/adr/0005-gc.md).
 GC_DELETE_WINDOW = float(os.environ.get("MLFS_GC_DELETE_WINDOW", "1.0"))
+#: Default ``mlfs gc --grace``.
+GC_GRACE = "1h"
 
 #: Store used when ``--store`` is not given.
 DEFAULT_STORE = os.environ.get("MLFS_STORE")
+
+#: ``MLFS_DEBUG=1``: the CLI shows tracebacks instead of one-line errors.
+DEBUG = bool(os.environ.get("MLFS_DEBUG"))
+
+#: Mount defaults (``mlfs mount --memory/--timeout/--read-ahead/--poll``).
+DEFAULT_CACHE_SIZE = os.environ.get("MLFS_CACHE_SIZE", "20G")
+DEFAULT_MEMORY = "256M"
+DEFAULT_READ_TIMEOUT = 30.0
+DEFAULT_READ_AHEAD = "1M"
+DEFAULT_CATALOG_POLL = 30.0
+#: Hashing/upload threads of ``generate`` and ``export``.
+DEFAULT_THREADS = 8
+MAX_THREADS = 256
+
+#: A background task of a mount (manifest watch, catalog poll, control socket) that fails is
+#: restarted after this delay, doubling up to the maximum (seconds).
+RESTART_DELAY = 1.0
+RESTART_DELAY_MAX = 60.0
 
 
 def default_cache_dir() -> Path:
@@ -42,7 +68,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "mlfs"
 
 
-DEFAULT_CACHE_SIZE = os.environ.get("MLFS_CACHE_SIZE", "20G")
+def runtime_dir() -> Path:
+    """Where mounts put their control sockets and ``mlfs switch`` its temporary manifests:
+    ``$XDG_RUNTIME_DIR/mlfs``, else ``/tmp/mlfs-<uid>`` (short enough for AF_UNIX's 108 bytes)."""
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "mlfs"
+    return Path(f"/tmp/mlfs-{os.getuid()}")
 
 
 def parse_size(text: str) -> int:
@@ -58,6 +89,6 @@ def parse_size(text: str) -> int:
         value = float(t)
     except ValueError:
         raise UsageError(f"invalid size {text!r} (examples: 20G, 512M, 1048576)") from None
-    if value < 0:
-        raise UsageError(f"invalid size {text!r}: negative")
+    if value < 0 or value != value or value == float("inf"):
+        raise UsageError(f"invalid size {text!r}: must be a finite, non-negative number")
     return int(value * mult)

@@ -74,6 +74,18 @@ class GenerateError(MlfsError):
     errno = _errno.EIO
 
 
+class VersionExists(StoreError, FileExistsError):
+    """A version is already published with other content (published versions are immutable)."""
+
+    errno = _errno.EEXIST
+
+
+class CacheError(MlfsError):
+    """The chunk cache directory cannot be created, written or opened."""
+
+    errno = _errno.EIO
+
+
 class MountError(MlfsError):
     """A mount could not be set up."""
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import trio
 
+from . import config
 from .cache import ChunkCache
 from .errors import MlfsError, StoreError
 from .stores import Store
@@ -36,9 +37,9 @@ class Counters:
     bytes_served: int = 0
     bytes_fetched: int = 0
     chunks_fetched: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
-    memory_hits: int = 0
+    memory_hits: int = 0  # chunk reads answered from the in-memory LRU
+    disk_hits: int = 0  # chunk loads answered by the disk cache
+    cache_misses: int = 0  # chunk loads that had to go to the store
     fetch_errors: int = 0
     uncached_chunks: int = 0  # fetched but not admitted to the disk cache (full, unwritable)
     prefetched_bytes: int = 0
@@ -76,9 +77,12 @@ class _Flight:
 
 
 class ChunkSource:
-    def __init__(self, store: Store | None, cache: ChunkCache, *, memory_bytes: int = 256 << 20,
-                 inflight_bytes: int = 256 << 20, fetch_limit: int = 16,
-                 background_limit: int = 4, timeout: float = 30.0) -> None:
+    def __init__(self, store: Store | None, cache: ChunkCache, *,
+                 memory_bytes: int = config.parse_size(config.DEFAULT_MEMORY),
+                 inflight_bytes: int | None = None, fetch_limit: int = 16,
+                 background_limit: int = 4, timeout: float = config.DEFAULT_READ_TIMEOUT) -> None:
+        if inflight_bytes is None:
+            inflight_bytes = config.parse_size(config.DEFAULT_MEMORY)
         self.store = store
         self.cache = cache
         self.counters = Counters()
@@ -119,7 +123,6 @@ class ChunkSource:
         data = self.peek(chunk_id)
         if data is not None:
             self.counters.memory_hits += 1
-            self.counters.cache_hits += 1
             return data
         flight = self._flights.get(chunk_id)
         if flight is None:
@@ -152,7 +155,7 @@ class ChunkSource:
         async with self._disk_limiter:
             data = await trio.to_thread.run_sync(self.cache.get, chunk_id, size)
         if data is not None:
-            self.counters.cache_hits += 1
+            self.counters.disk_hits += 1
             return data
         self.counters.cache_misses += 1
         if self.store is None:
@@ -223,8 +226,8 @@ class ChunkSource:
         c = self.counters
         return {
             "bytes_served": c.bytes_served, "bytes_fetched": c.bytes_fetched,
-            "chunks_fetched": c.chunks_fetched, "cache_hits": c.cache_hits,
-            "cache_misses": c.cache_misses, "memory_hits": c.memory_hits,
+            "chunks_fetched": c.chunks_fetched, "memory_hits": c.memory_hits,
+            "disk_hits": c.disk_hits, "cache_misses": c.cache_misses,
             "fetch_errors": c.fetch_errors,
             "corrupt_chunks": self.store.corrupt_reads if self.store else 0,
             "corrupt_cache_files": self.cache.corrupt, "uncached_chunks": c.uncached_chunks,

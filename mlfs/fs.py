@@ -6,6 +6,11 @@ mount.  ``_guard`` is the one place where our exceptions become an errno (and ge
 Files never change under an inode, so opens keep the kernel page cache (``keep_cache``) and entries
 and attributes are cached by the kernel for an hour: ``stat``/``ls`` are answered from the tree in
 memory and never touch the network.
+
+Inodes of earlier versions (after a switch or a catalog poll) stay answerable while the kernel knows
+them: every ``lookup`` and every entry ``readdir`` hands out counts one reference, ``forget`` drops
+them, and a *retired* inode is released once the kernel has forgotten it and no handle is open on
+it.  So per-mount memory follows what the kernel holds, not the number of switches.
 """
 
 from __future__ import annotations
@@ -21,15 +26,20 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from collections import OrderedDict
+
+from .client import STATS_XATTR
 from .errors import MlfsError
 from .fetch import ChunkSource
 from .manifest import FileEntry
-from .tree import ROOT_INODE, Node, Tree, chunk_slices
+from .supervise import Supervisor
+from .tree import ROOT_INODE, Inodes, Node, Tree, chunk_slices
 
 log = logging.getLogger("mlfs.fs")
 
-STATS_XATTR = b"user.mlfs.stats"
 TIMEOUT = 3600.0
+#: Files whose tensor spans are kept sorted for ``_tensor_ahead`` (an LRU: a catalog may hold many).
+TENSOR_INDEX_FILES = 256
 READAHEAD_MIN = 1 << 20
 READAHEAD_MAX = 64 << 20
 
@@ -52,6 +62,7 @@ def _guard(fn):
 
 @dataclass(slots=True)
 class Handle:
+    inode: int
     entry: FileEntry  # fixed at open: a handle reads one version to the end, whatever switches
     next_offset: int = 0  # where a sequential reader reads next
     streak: int = 0  # bytes read sequentially so far
@@ -63,16 +74,25 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, source: ChunkSource, info: dict | None = None) -> None:
+    def __init__(self, tree: Tree, source: ChunkSource, info: dict | None = None, *,
+                 inodes: Inodes | None = None, supervisor: Supervisor | None = None) -> None:
         super().__init__()
         self.tree = tree
         self.source = source
         self.info = info or {}
+        self.inodes = inodes  # released numbers of forgotten inodes go back here
+        self.supervisor = supervisor or Supervisor()  # runs read-ahead; mount.py gives its nursery
         self.handles: dict[int, Handle] = {}
-        self.retired: dict[int, Node] = {}  # nodes of earlier versions (switches)
+        self.retired: dict[int, Node] = {}  # nodes of earlier versions the kernel still knows
+        self.lookups: dict[int, int] = {}  # the kernel's lookup count per inode
+        self.opened: dict[int, int] = {}  # open handles per inode
         self._next_fh = 1
-        self.nursery: trio.Nursery | None = None  # set by mount.py: background work lives here
-        self._tensor_index: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        self._tensor_index: OrderedDict[tuple[str, str], tuple[list[int], list[int]]] = \
+            OrderedDict()
+
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        return self.supervisor.nursery
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -103,12 +123,43 @@ class Operations(pyfuse3.Operations):
 
     def flip(self, new: Tree) -> None:
         """Serve *new* from now on (one assignment: atomic for every handler).  Inodes of the old
-        tree that the new one lacks stay answerable for the kernel and for open handles."""
+        tree that the new one lacks stay answerable while the kernel or an open handle knows them;
+        the others are released at once."""
         old = self.tree
-        for ino, node in old.nodes.items():
-            if ino not in new.nodes:
-                self.retired[ino] = node
         self.tree = new
+        for ino in list(old.nodes):
+            if ino not in new.nodes:
+                self.retired[ino] = old.nodes[ino]
+                self._maybe_release(ino)
+        for ino in list(self.retired):
+            if ino in new.nodes:  # back in the tree (switched back): no longer retired
+                del self.retired[ino]
+        live = {(f.path, f.blake3) for f in new.files}
+        for key in [k for k in self._tensor_index if k not in live]:
+            del self._tensor_index[key]
+
+    def _maybe_release(self, ino: int) -> None:
+        if ino in self.retired and not self.lookups.get(ino) and not self.opened.get(ino):
+            del self.retired[ino]
+            if self.inodes is not None:
+                self.inodes.release(ino)
+
+    def _looked_up(self, ino: int) -> None:
+        if ino != ROOT_INODE:
+            self.lookups[ino] = self.lookups.get(ino, 0) + 1
+
+    async def forget(self, inode_list):
+        # Must not raise (pyfuse3's contract): it answers no request.
+        try:
+            for ino, n in inode_list:
+                left = self.lookups.get(ino, 0) - n
+                if left > 0:
+                    self.lookups[ino] = left
+                else:
+                    self.lookups.pop(ino, None)
+                    self._maybe_release(ino)
+        except Exception:  # noqa: BLE001
+            log.exception("internal error in forget")
 
     @_guard
     async def getattr(self, inode, ctx=None):
@@ -119,7 +170,9 @@ class Operations(pyfuse3.Operations):
         node = self.tree.lookup(parent_inode, os.fsdecode(name))
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attr(node)
+        attr = self._attr(node)
+        self._looked_up(node.inode)
+        return attr
 
     @_guard
     async def opendir(self, inode, ctx):
@@ -131,9 +184,10 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh, start_id, token):
         node = self._node(fh)
         for i in range(start_id, len(node.names)):
-            child = self.tree.nodes[node.children[node.names[i]]]
+            child = self._node(node.children[node.names[i]])
             if not pyfuse3.readdir_reply(token, os.fsencode(child.name), self._attr(child), i + 1):
                 break
+            self._looked_up(child.inode)
 
     async def releasedir(self, fh):
         pass
@@ -164,7 +218,9 @@ class Operations(pyfuse3.Operations):
         m = self.tree.manifest
         current = {"id": m.id, "version": m.version, "digest": m.digest} if m else \
             {"id": None, "version": "catalog", "digest": None}
-        return {**self.info, **current, **self.source.snapshot(), "open_files": len(self.handles)}
+        return {**self.info, **current, **self.source.snapshot(), **self.supervisor.snapshot(),
+                "open_files": len(self.handles), "known_inodes": len(self.lookups),
+                "retired_inodes": len(self.retired)}
 
     # -- files ----------------------------------------------------------------------------------
     @_guard
@@ -176,7 +232,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(node.entry)
+        self.handles[fh] = Handle(inode, node.entry)
+        self.opened[inode] = self.opened.get(inode, 0) + 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     @_guard
@@ -207,7 +264,6 @@ class Operations(pyfuse3.Operations):
                     raise pyfuse3.FUSEError(errno.EIO) from None
             else:
                 self.source.counters.memory_hits += 1
-                self.source.counters.cache_hits += 1
             parts.append(memoryview(data)[a:b])
         # pyfuse3 takes any buffer: a read inside one chunk is answered without copying it.
         out = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -250,6 +306,10 @@ class Operations(pyfuse3.Operations):
         if index is None:
             spans = sorted((b, e) for b, e, _ in entry.tensors.values() if e > b)
             index = self._tensor_index[key] = ([b for b, _ in spans], [e for _, e in spans])
+            while len(self._tensor_index) > TENSOR_INDEX_FILES:
+                self._tensor_index.popitem(last=False)
+        else:
+            self._tensor_index.move_to_end(key)
         begins, ends = index
         i = bisect_right(begins, start - 1) - 1
         if i < 0 or ends[i] <= start:
@@ -267,10 +327,20 @@ class Operations(pyfuse3.Operations):
         try:
             await self.source.get(cid, size)
         except MlfsError as e:
-            log.warning("prefetch of chunk %s failed: %s", cid[:16], e)
+            # The read that needs the chunk will try again and report it; not a background error.
+            log.warning("read-ahead of chunk %s failed: %s", cid[:16], e)
+        except Exception as e:  # noqa: BLE001 - a bug in read-ahead must not end the mount
+            self.supervisor.record(f"read-ahead of chunk {cid[:16]}", e)
 
     async def release(self, fh):
-        self.handles.pop(fh, None)
+        h = self.handles.pop(fh, None)
+        if h is not None:
+            left = self.opened.get(h.inode, 0) - 1
+            if left > 0:
+                self.opened[h.inode] = left
+            else:
+                self.opened.pop(h.inode, None)
+                self._maybe_release(h.inode)
 
     async def flush(self, fh):
         pass

@@ -16,7 +16,7 @@ import os
 import stat
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,7 +27,7 @@ from . import config
 from . import manifest as mf
 from .chunking import HeaderError, generic_spans, header_length, parse_safetensors_header, \
     safetensors_spans
-from .errors import GenerateError
+from .errors import GenerateError, MlfsError, ObjectNotFound, UsageError, VersionExists
 from .stores import Store
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".h5",
@@ -45,6 +45,7 @@ class GenerateResult:
     new_chunks: int = 0
     new_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
+    outcome: str = "published"  # "published", "unchanged", "replaced" or "not published"
 
     @property
     def dedup_bytes(self) -> int:
@@ -59,8 +60,13 @@ def scan_model_dir(model_dir: Path) -> list[tuple[str, Path, int, int]]:
     """
     if not model_dir.is_dir():
         raise GenerateError(f"model directory {model_dir} does not exist or is not a directory")
+
+    def fail(e: OSError) -> None:  # os.walk would skip an unreadable directory silently
+        where = os.path.relpath(e.filename, model_dir) if e.filename else "."
+        raise GenerateError(f"cannot read directory {where}: {e.strerror}")
+
     out = []
-    for dirpath, dirnames, filenames in os.walk(model_dir, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(model_dir, followlinks=True, onerror=fail):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
         for name in sorted(filenames):
             full = Path(dirpath) / name
@@ -127,166 +133,258 @@ def build_metadata(given: dict[str, str], detected: dict[str, str]) -> dict:
     return meta
 
 
+class ChunkUploader:
+    """Stores each distinct chunk of a run once, from any number of threads.
+
+    A chunk the store lacks is uploaded.  A chunk it has is *refreshed* (its mtime renewed) so a
+    concurrent gc does not collect it before our manifest is published, and remembered for
+    :func:`recheck_refreshed`.  A chunk gc deletes between our existence check and the refresh is
+    simply uploaded (docs/adr/0005-gc.md).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._seen: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self.new_chunks = 0
+        self.new_bytes = 0
+        #: ``(chunk id, file, begin, end)`` of chunks that existed; and when the last was refreshed.
+        self.refreshed: list[tuple[str, Path, int, int]] = []
+        self.last_refresh = 0.0
+
+    @property
+    def unique_chunks(self) -> int:
+        return len(self._seen)
+
+    def put(self, view: memoryview, full: Path, begin: int) -> str:
+        """Hash *view* (bytes ``begin:`` of file *full*) and make sure the store holds it; return
+        its id.  Concurrent calls for one chunk do the work once and all wait for it."""
+        cid = blake3.blake3(view).hexdigest()
+        with self._lock:
+            fut = self._seen.get(cid)
+            owner = fut is None
+            if owner:
+                fut = self._seen[cid] = Future()
+        if not owner:
+            fut.result()
+            return cid
+        try:
+            self._store(cid, view, full, begin)
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        fut.set_result(None)
+        return cid
+
+    def _store(self, cid: str, view: memoryview, full: Path, begin: int) -> None:
+        if self.store.has_chunk(cid):
+            try:
+                self.store.touch_chunk(cid)
+            except ObjectNotFound:
+                pass  # gc took it between the HEAD and the refresh: upload it below
+            else:
+                with self._lock:
+                    self.refreshed.append((cid, full, begin, begin + len(view)))
+                    self.last_refresh = time.monotonic()
+                return
+        self.store.put_chunk(cid, view)
+        with self._lock:
+            self.new_chunks += 1
+            self.new_bytes += len(view)
+
+
+def recheck_refreshed(store: Store, refreshed: list[tuple[str, Path, int, int]], last: float,
+                      threads: int = config.DEFAULT_THREADS,
+                      sleep: Callable[[float], None] = time.sleep) -> int:
+    """Close the race with a concurrent gc (docs/adr/0005-gc.md): gc deletes a chunk only within
+    ``GC_DELETE_WINDOW`` of seeing it old, so once that much time has passed since our last refresh,
+    any chunk we deduplicated against is either still there or visibly gone — and then we upload it
+    again from the model file.  Returns the number of chunks uploaded again."""
+    if not refreshed:
+        return 0
+    wait = config.GC_DELETE_WINDOW * 1.5 - (time.monotonic() - last)
+    if wait > 0:
+        sleep(wait)
+
+    def check(item: tuple[str, Path, int, int]) -> int:
+        cid, full, a, b = item
+        if store.has_chunk(cid):
+            return 0
+        try:
+            with open(full, "rb") as f:
+                f.seek(a)
+                data = f.read(b - a)
+        except OSError as e:
+            raise GenerateError(f"cannot read {full}: {e.strerror}") from None
+        if blake3.blake3(data).hexdigest() != cid:
+            raise GenerateError(f"{full} changed while mlfs generate was reading it")
+        store.put_chunk(cid, data)
+        return 1
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return sum(pool.map(check, refreshed))
+
+
+def chunk_file(pool: ThreadPoolExecutor, uploader: ChunkUploader, rel: str, full: Path, size: int,
+               mode: int, slots: threading.BoundedSemaphore,
+               progress: Callable[[int], None] | None = None) -> tuple[mf.FileEntry, str | None]:
+    """Cut one file, store its chunks, hash it and its tensors; return its entry and a warning.
+
+    The file is mapped once; every task works on a view of the mapping, and the mapping is closed
+    only when every task is over, whatever failed (closing it under live views would raise
+    BufferError and hide the real error).
+    """
+    try:
+        fh = open(full, "rb")
+    except OSError as e:
+        raise GenerateError(f"cannot read {rel}: {e.strerror}") from None
+    with fh:
+        try:
+            data = _map(fh, size)
+        except OSError as e:
+            raise GenerateError(f"cannot read {rel}: {e.strerror}") from None
+        futures: list[Future] = []
+        try:
+            spans, tensors, warning = plan_spans(rel, data, size)
+            whole = pool.submit(_file_hash, data)
+            futures.append(whole)
+            chunk_futs = []
+            for a, b in spans:
+                slots.acquire()
+                chunk_futs.append(pool.submit(_chunk_task, uploader, slots, data, a, b, full,
+                                              progress))
+            futures += chunk_futs
+            tfuts = [(name, a, b, pool.submit(_tensor_hash, data, a, b))
+                     for name, a, b in tensors or []]
+            futures += [f for *_, f in tfuts]
+            ids = [f.result() for f in chunk_futs]
+            tinfo = {name: (a, b, f.result()) for name, a, b, f in tfuts}
+            digest = whole.result()
+        except MlfsError:
+            raise  # a StoreError is an OSError too: it must keep its own message
+        except OSError as e:  # an I/O error surfacing while the mapped pages are read
+            raise GenerateError(f"cannot read {rel}: {e.strerror or e}") from None
+        finally:
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            if isinstance(data, mmap.mmap):
+                data.close()
+    entry = mf.FileEntry(rel, size, mode, digest, ids, [b - a for a, b in spans],
+                         tinfo if tensors is not None else None)
+    return entry, warning
+
+
+def _chunk_task(uploader: ChunkUploader, slots: threading.BoundedSemaphore, data, a: int, b: int,
+                full: Path, progress: Callable[[int], None] | None) -> str:
+    try:
+        with memoryview(data) as whole, whole[a:b] as view:
+            cid = uploader.put(view, full, a)
+        if progress:
+            progress(b - a)
+        return cid
+    finally:
+        slots.release()
+
+
+def _tensor_hash(data, a: int, b: int) -> str:
+    with memoryview(data) as whole, whole[a:b] as view:
+        return blake3.blake3(view).hexdigest()[:16]
+
+
+def _file_hash(data) -> str:
+    h = blake3.blake3()
+    step = 16 << 20
+    with memoryview(data) as whole:
+        for off in range(0, len(whole), step):
+            with whole[off:off + step] as view:
+                h.update(view)
+    return h.hexdigest()
+
+
+def publish(store: Store, manifest: mf.Manifest, *, force: bool = False) -> tuple[mf.Manifest, str]:
+    """Publish *manifest*; return the manifest now published and what happened:
+    ``"published"``, ``"unchanged"`` (the same content was already published: a no-op) or
+    ``"replaced"`` (``force``).  Published versions are immutable (docs/adr/0013): other content
+    under an existing ``id@version`` raises VersionExists unless *force*."""
+    data = manifest.dumps()
+    mf.loads(data)  # what we publish must pass our own loader
+    mid, version = manifest.id, manifest.version
+    if force:
+        existed = store.has_manifest(mid, version)
+        store.put_manifest_bytes(mid, version, data)
+        return manifest, "replaced" if existed else "published"
+    for _ in range(3):
+        if store.create_manifest(mid, version, data):
+            return manifest, "published"
+        existing = store.find_manifest_bytes(mid, version)
+        if existing is None:
+            continue  # removed between our create and our read: try again
+        if existing == data:
+            return manifest, "published"  # our own create landed on an earlier attempt
+        try:
+            old = mf.loads(existing)
+        except mf.ManifestError as e:
+            raise VersionExists(f"{manifest.ref} is already published in {store.describe()} but "
+                                f"its manifest is unreadable ({e}); --force replaces it") from None
+        if mf.same_content(old, manifest):
+            return old, "unchanged"
+        raise VersionExists(
+            f"{manifest.ref} is already published in {store.describe()} with other content "
+            f"({old.digest[:23]}..., created {old.created}); published versions are immutable: "
+            f"publish a new version, or pass --force to replace it")
+    raise VersionExists(f"{manifest.ref} keeps appearing and disappearing in {store.describe()}; "
+                        "not published")
+
+
 def generate(model_dir: str | os.PathLike[str], store: Store, model_id: str, version: str, *,
              prefetch: list[str] | None = None, metadata: dict[str, str] | None = None,
-             progress: Callable[[int], None] | None = None, threads: int = 8,
-             publish: bool = True) -> GenerateResult:
+             progress: Callable[[int], None] | None = None, threads: int = config.DEFAULT_THREADS,
+             publish_manifest: bool = True, force: bool = False) -> GenerateResult:
     """Store every file of *model_dir* as chunks and publish the manifest ``model_id@version``.
 
     ``progress`` is called with the number of bytes processed after each chunk.
-    Raises GenerateError for an unreadable model, StoreError for store failures; in both cases no
-    manifest is published.
+    Raises GenerateError for an unreadable or empty model, VersionExists if the version is
+    published with other content (unless *force*), StoreError for store failures; in every case
+    no manifest is published.
     """
     mf.check_name("model id", model_id)
     mf.check_name("version", version)
+    if not isinstance(threads, int) or not 1 <= threads <= config.MAX_THREADS:
+        raise UsageError(f"invalid thread count {threads!r}: use 1 to {config.MAX_THREADS}")
     root = Path(model_dir)
     entries = scan_model_dir(root)
+    if not entries:
+        raise GenerateError(f"model directory {root} holds no files: nothing to publish")
     store.check()
 
-    seen: dict[str, Future] = {}
-    seen_lock = threading.Lock()
-    counters = {"new_chunks": 0, "new_bytes": 0}
-    count_lock = threading.Lock()
-    # Bound memory held by queued tasks: each task holds a slice of an mmap, not a copy, but a
-    # bounded queue also keeps the pool's work list short.
+    uploader = ChunkUploader(store)
+    # Bound the work queued ahead of the threads (each task holds a view of a mapping).
     slots = threading.BoundedSemaphore(threads * 8)
-
-    touched: list[tuple[str, Path, int, int]] = []  # chunks that existed: (id, file, begin, end)
-    last_touch = [0.0]
-
-    def store_chunk(cid: str, view: memoryview, full: Path, a: int) -> None:
-        if store.has_chunk(cid):
-            # Renew its age so a concurrent gc does not collect it before our manifest exists.
-            store.touch_chunk(cid)
-            with count_lock:
-                touched.append((cid, full, a, a + len(view)))
-                last_touch[0] = time.monotonic()
-            return
-        store.put_chunk(cid, view)
-        with count_lock:
-            counters["new_chunks"] += 1
-            counters["new_bytes"] += len(view)
-
-    def chunk_task(data, a: int, b: int, full: Path) -> tuple[str, int]:
-        try:
-            with memoryview(data) as whole, whole[a:b] as view:
-                return chunk_work(view, full, a)
-        finally:
-            slots.release()
-
-    def chunk_work(view: memoryview, full: Path, a: int) -> tuple[str, int]:
-        """Hash one chunk and store it unless this run or the store already has it."""
-        cid = blake3.blake3(view).hexdigest()
-        with seen_lock:
-            fut = seen.get(cid)
-            owner = fut is None
-            if owner:
-                fut = Future()
-                seen[cid] = fut
-        if owner:
-            try:
-                store_chunk(cid, view, full, a)
-                fut.set_result(None)
-            except BaseException as e:
-                fut.set_exception(e)
-                raise
-        else:
-            fut.result()
-        if progress:
-            progress(len(view))
-        return cid, len(view)
-
-    def tensor_hash(data, a: int, b: int) -> str:
-        with memoryview(data) as whole, whole[a:b] as view:
-            return blake3.blake3(view).hexdigest()[:16]
-
-    def file_hash(data) -> str:
-        h = blake3.blake3()
-        step = 16 << 20
-        with memoryview(data) as whole:
-            for off in range(0, len(whole), step):
-                with whole[off:off + step] as view:
-                    h.update(view)
-        return h.hexdigest()
-
-    result_files: list[mf.FileEntry] = []
+    files: list[mf.FileEntry] = []
     warnings: list[str] = []
-    total_chunks = 0
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mlfs-gen") as pool:
         for rel, full, size, mode in entries:
-            try:
-                fh = open(full, "rb")
-            except OSError as e:
-                raise GenerateError(f"cannot read {rel}: {e.strerror}") from None
-            with fh:
-                try:
-                    data = _map(fh, size)
-                except OSError as e:
-                    raise GenerateError(f"cannot read {rel}: {e.strerror}") from None
-                try:
-                    spans, tensors, warning = plan_spans(rel, data, size)
-                    if warning:
-                        warnings.append(warning)
-                    whole = pool.submit(file_hash, data)
-                    futures = []
-                    for a, b in spans:
-                        slots.acquire()
-                        futures.append(pool.submit(chunk_task, data, a, b, full))
-                    tfuts = [(name, a, b, pool.submit(tensor_hash, data, a, b))
-                             for name, a, b in tensors or []]
-                    refs = [f.result() for f in futures]
-                    tinfo = {name: (a, b, f.result()) for name, a, b, f in tfuts}
-                    digest = whole.result()
-                except OSError as e:  # an I/O error surfacing while the mapped pages are read
-                    raise GenerateError(f"cannot read {rel}: {e.strerror or e}") from None
-                finally:
-                    if isinstance(data, mmap.mmap):
-                        data.close()
-            total_chunks += len(refs)
-            result_files.append(mf.FileEntry(
-                rel, size, mode, digest, [c for c, _ in refs], [s for _, s in refs],
-                tinfo if tensors is not None else None))
-
-    if touched and publish:
-        _recheck_touched(store, touched, last_touch[0], threads)
+            entry, warning = chunk_file(pool, uploader, rel, full, size, mode, slots, progress)
+            files.append(entry)
+            if warning:
+                warnings.append(warning)
 
     names = [e[0] for e in entries]
     meta = build_metadata(metadata or {}, detect_metadata(root, names))
     if prefetch is None:
         prefetch = default_prefetch(entries)
-    manifest = mf.Manifest(model_id, version, result_files, metadata=meta, prefetch=prefetch,
+    manifest = mf.Manifest(model_id, version, files, metadata=meta, prefetch=prefetch,
                            store=store.url)
-    data = manifest.dumps()
-    mf.loads(data)  # what we publish must pass our own loader
-    if publish:
-        store.sync()
-        store.put_manifest_bytes(model_id, version, data)
-    return GenerateResult(manifest, len(result_files), manifest.logical_size, total_chunks,
-                          len(seen), counters["new_chunks"], counters["new_bytes"], warnings)
-
-
-def _recheck_touched(store: Store, touched: list[tuple[str, Path, int, int]], last: float,
-                     threads: int) -> None:
-    """Close the race with a concurrent gc (docs/adr/0005-gc.md): gc deletes a chunk only within
-    ``GC_DELETE_WINDOW`` of seeing it old, so once that much time has passed since our last refresh,
-    any chunk we deduplicated against is either still there or visibly gone — and then we upload it
-    again from the model file."""
-    wait = config.GC_DELETE_WINDOW * 1.5 - (time.monotonic() - last)
-    if wait > 0:
-        time.sleep(wait)
-
-    def check(item: tuple[str, Path, int, int]) -> None:
-        cid, full, a, b = item
-        if store.has_chunk(cid):
-            return
-        with open(full, "rb") as f:
-            f.seek(a)
-            data = f.read(b - a)
-        if blake3.blake3(data).hexdigest() != cid:
-            raise GenerateError(f"{full} changed while mlfs generate was reading it")
-        store.put_chunk(cid, data)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(check, touched))
+    outcome = "not published"
+    if publish_manifest:
+        recheck_refreshed(store, uploader.refreshed, uploader.last_refresh, threads)
+        store.sync()  # every chunk durable before a manifest names it
+        manifest, outcome = publish(store, manifest, force=force)
+    else:
+        mf.loads(manifest.dumps())
+    return GenerateResult(manifest, len(files), manifest.logical_size,
+                          sum(len(f.chunk_ids) for f in files), uploader.unique_chunks,
+                          uploader.new_chunks, uploader.new_bytes, warnings, outcome)
 
 
 def _map(fh, size: int) -> mmap.mmap | bytes:

@@ -277,3 +277,14 @@ def parse_ref(ref: str) -> tuple[str, str]:
     if not sep:
         raise ManifestError(f"invalid model reference {ref!r}: expected ID@VERSION")
     return check_name("model id", mid), check_name("version", version)
+
+
+def same_content(a: Manifest, b: Manifest) -> bool:
+    """True if two manifests publish the same version: everything equal but the creation time and
+    the store hint (regenerating an unchanged model must be a no-op, not a conflict)."""
+    def body(m: Manifest) -> dict[str, Any]:
+        doc = m.to_json()
+        doc.pop("created", None)
+        doc.pop("store", None)
+        return doc
+    return body(a) == body(b)

@@ -4,19 +4,22 @@
 the mount is ready (or reports the error the daemon hit before readiness).  Readiness means: the
 manifest's prefetch files (and every safetensors header) are in the cache, and the kernel mount is
 up.  SIGTERM, SIGINT and SIGHUP unmount cleanly.
+
+Nothing but a signal or an unmount ends a mount: every task beside the FUSE loop runs under a
+:class:`~mlfs.supervise.Supervisor` that logs, counts and restarts it.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
@@ -24,12 +27,14 @@ import trio
 
 from . import config
 from .cache import ChunkCache
+from .client import clean_runtime_dir, control_socket_path
 from .errors import MlfsError, MountError, StoreUnavailable
 from .fetch import ChunkSource
-from .fs import STATS_XATTR, Operations
+from .fs import Operations
 from .generate import match_prefetch
 from .manifest import Manifest
 from .stores import Store
+from .supervise import Supervisor
 from .tree import Inodes, Tree
 
 log = logging.getLogger("mlfs.mount")
@@ -48,12 +53,37 @@ class MountOptions:
     prefetch_all: bool = False
     watch: str | None = None  # manifest file to watch for replacement
     switch_warm: bool = True
-    catalog_poll: float = 30.0
+    catalog_poll: float = config.DEFAULT_CATALOG_POLL
     digest: str | None = None
-    memory_bytes: int = 256 << 20
-    timeout: float = 30.0
+    memory_bytes: int = field(default_factory=lambda: config.parse_size(config.DEFAULT_MEMORY))
+    timeout: float = config.DEFAULT_READ_TIMEOUT
     read_ahead_kb: int = READ_AHEAD_KB
+    allow_model_change: bool = False
     debug: bool = False
+
+
+def fuse_problem(allow_other: bool) -> str | None:
+    """Why a FUSE mount by this user cannot work, if a reason can be seen before trying."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist (load the fuse module; in a container: --device /dev/fuse)"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return ("no permission to open /dev/fuse (run as root, or give this user read/write "
+                "access to it)")
+    if os.geteuid() != 0:
+        if shutil.which("fusermount3") is None:
+            return "fusermount3 is not installed (Debian: apt-get install fuse3)"
+        if allow_other and not _user_allow_other():
+            return ("--allow-other needs 'user_allow_other' in /etc/fuse.conf when not mounting "
+                    "as root")
+    return None
+
+
+def _user_allow_other(path: str = "/etc/fuse.conf") -> bool:
+    try:
+        with open(path) as f:
+            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 def check_mountpoint(mountpoint: str) -> None:
@@ -124,17 +154,27 @@ def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts:
 
     With a manifest, serve that version (switchable); with ``manifest=None``, serve the whole store
     as a catalog ``<id>/<version|alias>/...``, polled every ``opts.catalog_poll`` seconds.
+    ``ready`` gets ``None``, or a warning string when the mount is up but degraded (the store did
+    not answer), or the exception that stopped it before readiness.
     """
-    from .switch import Catalog, Switcher, control_socket_path
+    from .switch import CatalogView, Switcher
 
     mountpoint = os.path.abspath(mountpoint)
     check_mountpoint(mountpoint)
+    problem = fuse_problem(opts.allow_other)
+    if problem:
+        raise MountError(f"cannot mount {mountpoint}: {problem}")
     _reuse_freed_memory()
+    stale = clean_runtime_dir()
+    if stale:
+        log.info("removed %d files left by dead processes: %s", len(stale), ", ".join(stale))
+    warning = None
     if store is not None:
         try:
             store.check()  # a missing bucket/directory is a clear error now, not EIO later
-        except StoreUnavailable as e:
-            log.warning("%s; serving from the cache until it answers", e)
+        except StoreUnavailable as e:  # down for now; a missing store or refused access raise
+            warning = f"{e}; serving from the cache until it answers"
+            log.warning("%s", warning)
     if manifest is not None and opts.digest and manifest.digest != opts.digest:
         raise MountError(f"{manifest.ref} has digest {manifest.digest}, not the pinned {opts.digest}")
     cache = ChunkCache(opts.cache_dir, opts.cache_size)
@@ -145,14 +185,22 @@ def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts:
         tree = Tree.of(manifest, inodes)
         fsname = f"mlfs:{manifest.id}@{manifest.version}"
     else:
-        catalog = Catalog(store)
-        tree = Tree(catalog.refresh()[0], inodes, time.time_ns())
+        catalog = CatalogView(store)
+        try:
+            files = catalog.refresh()[0]
+        except MlfsError as e:
+            files = []
+            warning = (f"the catalog is empty: {e}; it fills when the store answers "
+                       f"(polled every {opts.catalog_poll:g}s)")
+            log.warning("%s", warning)
+        tree = Tree(files, inodes, time.time_ns())
         fsname = "mlfs:catalog"
     sock = control_socket_path()
     info = {"mountpoint": mountpoint, "store": store.describe() if store else None,
             "cache_dir": str(opts.cache_dir), "cache_size": opts.cache_size, "pid": os.getpid(),
             "control": sock, "watching": opts.watch, "previous": None, "last_switch": None}
-    ops = Operations(tree, source, info)
+    supervisor = Supervisor()
+    ops = Operations(tree, source, info, inodes=inodes, supervisor=supervisor)
     switcher = Switcher(ops, source, inodes)
 
     # Before the kernel mount: the prefetch set must be cached (a store that is down or a chunk
@@ -169,25 +217,29 @@ def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts:
     try:
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as e:
-        raise MountError(f"cannot mount {mountpoint}: {e}") from None
+        why = fuse_problem(opts.allow_other) or f"{e} (the lines above, from libfuse, say why)"
+        raise MountError(f"cannot mount {mountpoint}: {why}") from None
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            ops.nursery = nursery
+            supervisor.nursery = nursery
             nursery.start_soon(_signals, nursery)
             nursery.start_soon(_fuse_loop, nursery)
-            nursery.start_soon(lambda: switcher.serve_control(sock, digest=opts.digest))
+            supervisor.start("control socket", lambda: switcher.serve_control(
+                sock, digest=opts.digest, record=supervisor.record), restart=True)
             if opts.watch:
-                nursery.start_soon(lambda: switcher.watch_file(opts.watch, warm=opts.switch_warm,
-                                                               digest=opts.digest))
+                supervisor.start("manifest watch", lambda: switcher.watch_file(
+                    opts.watch, warm=opts.switch_warm, digest=opts.digest,
+                    allow_model_change=opts.allow_model_change), restart=True)
             if catalog is not None:
-                nursery.start_soon(switcher.poll_catalog, store, opts.catalog_poll)
+                supervisor.start("catalog poll", lambda: switcher.poll_catalog(
+                    store, opts.catalog_poll), restart=True)
             info["kernel"] = await trio.to_thread.run_sync(_tune_kernel, mountpoint,
                                                           opts.read_ahead_kb)
             if ready:
-                ready(None)
+                ready(warning)
             if opts.prefetch_all and manifest is not None:
-                nursery.start_soon(_warm_all, source, manifest)
+                supervisor.start("prefetch all", lambda: _warm_all(source, manifest))
 
     async def _fuse_loop(nursery: trio.Nursery) -> None:
         await pyfuse3.main()
@@ -221,8 +273,11 @@ async def _warm_all(source: ChunkSource, manifest: Manifest) -> None:
 
 
 # -- daemon mode ---------------------------------------------------------------------------------
-def spawn(argv: list[str], mountpoint: str, log_file: Path, timeout: float = 300) -> int:
-    """Run ``mlfs mount --foreground ... --ready-fd N`` detached; return its pid once ready."""
+def spawn(argv: list[str], mountpoint: str, log_file: Path, timeout: float = 300
+          ) -> tuple[int, str | None]:
+    """Run ``mlfs mount --foreground ... --ready-fd N`` detached; once it is ready return its pid
+    and the warning it reported, if any (the daemon writes ``ready``, ``ready: <warning>`` or
+    ``error: <message>`` on the pipe)."""
     r, w = os.pipe()
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as logf:
@@ -240,47 +295,12 @@ def spawn(argv: list[str], mountpoint: str, log_file: Path, timeout: float = 300
             msg += chunk
     text = msg.decode(errors="replace").strip()
     if text == "ready":
-        return proc.pid
+        return proc.pid, None
+    if text.startswith("ready: "):
+        return proc.pid, text.removeprefix("ready: ")
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         proc.kill()
     raise MountError(text.removeprefix("error: ") or f"mount process exited ({proc.returncode}); "
                      f"see {log_file}")
-
-
-def read_stats(mountpoint: str) -> dict:
-    import json
-
-    try:
-        return json.loads(os.getxattr(mountpoint, STATS_XATTR.decode()))
-    except OSError as e:
-        if e.errno in (errno.ENODATA, errno.ENOTSUP, getattr(errno, "ENOATTR", errno.ENODATA)):
-            raise MlfsError(f"{mountpoint} is not an mlfs mount") from None
-        raise MlfsError(f"cannot read stats of {mountpoint}: {e.strerror}") from None
-
-
-def unmount(mountpoint: str, lazy: bool = False) -> None:
-    """Unmount; a mount whose process died (ENOTCONN) is detached lazily even if files are open."""
-    def run(lazy_flag: bool) -> subprocess.CompletedProcess:
-        cmd = ["fusermount3", "-u", *(["-z"] if lazy_flag else []), mountpoint]
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True)
-        except FileNotFoundError:
-            return subprocess.run(["umount", *(["-l"] if lazy_flag else []), mountpoint],
-                                  capture_output=True, text=True)
-
-    p = run(lazy)
-    if p.returncode != 0 and not lazy and _is_dead(mountpoint):
-        p = run(True)
-    if p.returncode != 0:
-        err = (p.stderr or p.stdout).strip().splitlines()
-        raise MountError(f"cannot unmount {mountpoint}: {err[-1] if err else 'failed'}")
-
-
-def _is_dead(mountpoint: str) -> bool:
-    try:
-        os.statvfs(mountpoint)  # statfs always reaches the daemon; stat may be answered from cache
-    except OSError as e:
-        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    return False

@@ -20,12 +20,12 @@ import logging
 import os
 import time
 from dataclasses import replace
-from pathlib import Path
+from typing import Callable
 
-import pyfuse3
 import trio
 
 from . import manifest as mf
+from .client import MAX_LINE
 from .errors import ManifestError, MlfsError, StoreError
 from .fetch import ChunkSource
 from .fs import Operations
@@ -35,11 +35,22 @@ from .tree import Inodes, Tree
 log = logging.getLogger("mlfs.switch")
 
 
+def _kernel_invalidate(parent: int, name: bytes) -> None:
+    import pyfuse3
+
+    pyfuse3.invalidate_entry(parent, name)
+
+
 class Switcher:
-    def __init__(self, ops: Operations, source: ChunkSource, inodes: Inodes) -> None:
+    """Flips an :class:`Operations` to other trees.  ``invalidate(parent inode, name)`` tells the
+    kernel to forget an entry (``pyfuse3.invalidate_entry``; the in-process tests pass a recorder)."""
+
+    def __init__(self, ops: Operations, source: ChunkSource, inodes: Inodes, *,
+                 invalidate: Callable[[int, bytes], None] = _kernel_invalidate) -> None:
         self.ops = ops
         self.source = source
         self.inodes = inodes
+        self.invalidate = invalidate
         self._lock = trio.Lock()  # one switch at a time
 
     async def _warm(self, files: list[mf.FileEntry]) -> None:
@@ -51,6 +62,12 @@ class Switcher:
                     need[cid] = (cid, size, f.path)
         await self.source.warm(list(need.values()))
 
+    def _discard(self, new: Tree) -> None:
+        """Give back the inode numbers a tree that was never served took."""
+        for ino in new.nodes:
+            if ino not in self.ops.tree.nodes and ino not in self.ops.retired:
+                self.inodes.release(ino)
+
     async def switch(self, new: Tree, *, warm: bool = True, label: str = "") -> dict:
         """Warm (optionally), flip to *new*, invalidate what changed; return the switch's figures."""
         async with self._lock:
@@ -58,7 +75,11 @@ class Switcher:
             t0 = time.monotonic()
             fetched0 = self.source.counters.bytes_fetched
             if warm:
-                await self._warm(new.files)
+                try:
+                    await self._warm(new.files)
+                except BaseException:
+                    self._discard(new)
+                    raise
             t1 = time.monotonic()
             self.ops.flip(new)
             stale = new.stale_entries(old)
@@ -66,7 +87,7 @@ class Switcher:
                 # Not from a request handler, so the synchronous call cannot deadlock, and the
                 # switch is only reported complete once the kernel has forgotten the old entries.
                 try:
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent, os.fsencode(name))
+                    await trio.to_thread.run_sync(self.invalidate, parent, os.fsencode(name))
                 except OSError as e:  # ENOENT: the kernel never looked the name up
                     log.debug("invalidate %s in %d: %s", name, parent, e)
             t2 = time.monotonic()
@@ -82,15 +103,21 @@ class Switcher:
             return result
 
     async def switch_manifest(self, m: mf.Manifest, *, warm: bool = True,
-                              digest: str | None = None) -> dict:
+                              digest: str | None = None, allow_model_change: bool = False) -> dict:
         if digest and m.digest != digest:
             raise ManifestError(f"{m.ref} has digest {m.digest}, not the pinned {digest}")
+        cur = self.ops.tree.manifest
+        if cur is not None and m.id != cur.id and not allow_model_change:
+            raise ManifestError(f"{m.ref} is another model than the mounted {cur.ref}; "
+                                "pass --allow-model-change to switch to it")
         return await self.switch(Tree.of(m, self.inodes), warm=warm)
 
     # -- triggers ---------------------------------------------------------------------------------
     async def watch_file(self, path: str, *, warm: bool, interval: float = 0.25,
-                         digest: str | None = None) -> None:
-        """Switch whenever the manifest file is replaced (rename) or rewritten in place."""
+                         digest: str | None = None, allow_model_change: bool = False) -> None:
+        """Switch whenever the manifest file is replaced (rename) or rewritten in place.
+        A manifest that cannot be used is logged once and the mount stays where it is; anything
+        else leaves this task (and its supervisor restarts it)."""
         last = _signature(path)
         bad: tuple | None = None
         while True:
@@ -102,7 +129,8 @@ class Switcher:
                 m = await trio.to_thread.run_sync(_read_manifest, path)
                 cur = self.ops.tree.manifest
                 if cur is None or m.digest != cur.digest:
-                    await self.switch_manifest(m, warm=warm, digest=digest)
+                    await self.switch_manifest(m, warm=warm, digest=digest,
+                                               allow_model_change=allow_model_change)
                 last, bad = sig, None
             except MlfsError as e:
                 if bad != sig:
@@ -111,8 +139,11 @@ class Switcher:
                     self.ops.info["last_switch_error"] = str(e)
                 bad = sig
 
-    async def serve_control(self, sock_path: str, *, digest: str | None = None) -> None:
-        """Answer ``mlfs switch`` requests: one JSON line in, one JSON line out."""
+    async def serve_control(self, sock_path: str, *, digest: str | None = None,
+                            record: Callable[[str, BaseException], None] | None = None) -> None:
+        """Answer ``mlfs switch`` requests: one JSON line in, one JSON line out.  A client that
+        goes away, sends garbage or stalls costs its own connection only (``record`` counts what
+        was not the client's doing)."""
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         try:
             os.unlink(sock_path)
@@ -121,8 +152,18 @@ class Switcher:
         await sock.bind(sock_path)
         os.chmod(sock_path, 0o600)
         sock.listen(8)
+        async def handler(stream: trio.SocketStream) -> None:
+            try:
+                await self._handle(stream, digest)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                log.info("control client went away before its answer: %s", e)
+            except Exception as e:  # noqa: BLE001 - one connection, never the mount
+                if record is not None:
+                    record("control connection", e)
+                else:
+                    log.exception("control connection failed")
         try:
-            await trio.serve_listeners(lambda s: self._handle(s, digest), [trio.SocketListener(sock)])
+            await trio.serve_listeners(handler, [trio.SocketListener(sock)])
         finally:
             try:
                 os.unlink(sock_path)
@@ -132,27 +173,27 @@ class Switcher:
     async def _handle(self, stream: trio.SocketStream, digest: str | None) -> None:
         async with stream:
             data = b""
-            while not data.endswith(b"\n") and len(data) < 65536:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    break
-                data += chunk
+            with trio.move_on_after(30):  # a client that connects and says nothing
+                while not data.endswith(b"\n") and len(data) <= MAX_LINE:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        break
+                    data += chunk
             try:
-                req = json.loads(data)
-                if not isinstance(req, dict) or req.get("op") != "switch":
-                    raise ManifestError("unknown request")
-                m = await trio.to_thread.run_sync(_read_manifest, str(req["path"]))
-                result = await self.switch_manifest(m, warm=bool(req.get("warm", True)),
-                                                    digest=req.get("digest") or digest)
+                req = _parse_request(data)
+                m = await trio.to_thread.run_sync(_read_manifest, req["path"])
+                result = await self.switch_manifest(
+                    m, warm=req["warm"], digest=req["digest"] or digest,
+                    allow_model_change=req["allow_model_change"])
                 reply = {"ok": True, "switch": result}
-            except (MlfsError, KeyError, ValueError) as e:
+            except MlfsError as e:
                 reply = {"ok": False, "error": str(e) or type(e).__name__}
                 self.ops.info["last_switch_error"] = reply["error"]
             await stream.send_all(json.dumps(reply).encode() + b"\n")
 
     async def poll_catalog(self, store: Store, interval: float) -> None:
         """Rebuild the catalog view whenever manifests or aliases change in the store."""
-        catalog = Catalog(store)
+        catalog = CatalogView(store)
         while True:
             await trio.sleep(interval)
             try:
@@ -165,8 +206,10 @@ class Switcher:
                                   label=f"catalog ({catalog.summary()})")
 
 
-class Catalog:
-    """Every version of every model in a store as ``<id>/<version>/...`` plus ``<id>/<alias>/...``."""
+class CatalogView:
+    """Every version of every model in a store as one tree: ``<id>/<version>/...`` plus
+    ``<id>/<alias>/...`` (what a catalog mount shows; :mod:`mlfs.catalog` is the store's catalog
+    as the ``ls``/``rm``/``gc`` commands see it)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -231,43 +274,25 @@ def _signature(path: str) -> tuple | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
 
 
+def _parse_request(data: bytes) -> dict:
+    """A control request, validated (the socket's clients are untrusted)."""
+    try:
+        req = json.loads(data)
+    except ValueError:
+        raise ManifestError("request is not a JSON line") from None
+    if not isinstance(req, dict) or req.get("op") != "switch":
+        raise ManifestError("unknown request (expected {\"op\": \"switch\", ...})")
+    path = req.get("path")
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ManifestError("switch request without a manifest path")
+    digest = req.get("digest")
+    if digest is not None and not isinstance(digest, str):
+        raise ManifestError("digest must be a string")
+    return {"path": path, "warm": req.get("warm", True) is not False, "digest": digest,
+            "allow_model_change": req.get("allow_model_change") is True}
+
+
 def _read_manifest(path: str) -> mf.Manifest:
     from .resolve import read_manifest_file
 
     return read_manifest_file(path)
-
-
-def control_socket_path(pid: int | None = None) -> str:
-    """Where a mount listens for ``mlfs switch`` (short enough for AF_UNIX's 108 bytes)."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/mlfs-{os.getuid()}"
-    d = Path(base) / "mlfs" if os.environ.get("XDG_RUNTIME_DIR") else Path(base)
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return str(d / f"mount-{pid or os.getpid()}.sock")
-
-
-def request_switch(sock_path: str, manifest_path: str, *, warm: bool = True,
-                   digest: str | None = None, timeout: float = 3600) -> dict:
-    """Client side of ``mlfs switch``: returns the switch figures or raises MlfsError."""
-    import socket
-
-    req = {"op": "switch", "path": os.path.abspath(manifest_path), "warm": warm, "digest": digest}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect(sock_path)
-        except OSError as e:
-            raise MlfsError(f"cannot reach the mount's control socket {sock_path}: {e.strerror}") from None
-        s.sendall(json.dumps(req).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    try:
-        reply = json.loads(data)
-    except ValueError:
-        raise MlfsError("the mount closed the control connection without an answer") from None
-    if not reply.get("ok"):
-        raise MlfsError(f"switch refused, mount stays on its version: {reply.get('error')}")
-    return reply["switch"]

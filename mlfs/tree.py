@@ -39,14 +39,26 @@ class Inodes:
 
     def __init__(self) -> None:
         self._numbers: dict[tuple, int] = {}
+        self._keys: dict[int, tuple] = {}
         self._next = ROOT_INODE + 1
 
     def get(self, key: tuple) -> int:
         ino = self._numbers.get(key)
         if ino is None:
             ino = self._numbers[key] = self._next
+            self._keys[ino] = key
             self._next += 1
         return ino
+
+    def release(self, ino: int) -> None:
+        """Forget a number the kernel no longer knows (numbers are never reused: the kernel may
+        still hold stale references for a moment, and 64 bits do not run out)."""
+        key = self._keys.pop(ino, None)
+        if key is not None and self._numbers.get(key) == ino:
+            del self._numbers[key]
+
+    def __len__(self) -> int:
+        return len(self._numbers)
 
 
 class Tree:

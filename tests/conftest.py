@@ -17,14 +17,18 @@ from pathlib import Path
 
 import pytest
 
+# mlfs reads its MLFS_* variables when first imported: set them before that.  gc's delete window
+# (and generate's matching wait) shortened for the suite; the same value for every process.
+os.environ.setdefault("MLFS_GC_DELETE_WINDOW", "0.2")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+from mlfs import config  # noqa: E402
 from mlfs.generate import generate  # noqa: E402
 from mlfs.stores import open_store  # noqa: E402
 
-# gc's delete window (and generate's matching wait) shortened for the suite; same value everywhere.
-os.environ.setdefault("MLFS_GC_DELETE_WINDOW", "0.2")
+assert config.GC_DELETE_WINDOW == float(os.environ["MLFS_GC_DELETE_WINDOW"])
 
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -135,6 +139,18 @@ def run_mlfs(*args, check=True, **kw) -> subprocess.CompletedProcess:
     return p
 
 
+#: Lines in a mount's log that mean a bug, whatever the test expected of the mount.
+LOG_DEFECTS = ("Traceback", "internal error", "failed unexpectedly", "unexpected failure")
+
+
+def log_defects(log: Path) -> list[str]:
+    try:
+        text = log.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    return [line for line in text.splitlines() if any(d in line for d in LOG_DEFECTS)]
+
+
 def fuse_available() -> bool:
     return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 
@@ -184,6 +200,28 @@ def mounter(tmp_path):
     yield make
     for m in mounts:
         m.close()
+    bad = {str(m.log): log_defects(m.log) for m in mounts}
+    bad = {k: v for k, v in bad.items() if v}
+    if bad:  # S3QL's pytest_checklogs: an error swallowed into EIO is still a failed test
+        pytest.fail(f"mount log shows internal errors: {bad}")
+
+
+def same_tree(a: Path, b: Path) -> None:
+    """Two directory trees hold the same files with the same bytes and permission bits."""
+    files_a = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+        assert (a / rel).stat().st_mode & 0o777 == (b / rel).stat().st_mode & 0o777, rel
+
+
+def as_nobody(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run *cmd* as the unprivileged user nobody (what a non-root user meets)."""
+    setpriv = shutil.which("setpriv")
+    require(setpriv is not None, "setpriv (util-linux) is not installed")
+    return subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *cmd],
+                          capture_output=True, text=True, **kw)
 
 
 def sha(path) -> str:

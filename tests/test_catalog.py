@@ -13,7 +13,7 @@ from mlfs import catalog
 from mlfs.export import export
 from mlfs.generate import generate
 
-from test_generate import same_tree
+from conftest import same_tree
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_rm_then_gc_frees_exactly_the_unreferenced_chunks(populated, store_url, 
 def test_gc_keeps_chunks_of_a_generate_in_progress(store, family):
     """Chunks uploaded, manifest not yet written: within the grace period they are kept."""
     generate(family["v1"], store, "minilm", "v1")
-    generate(family["head"], store, "minilm", "head", publish=False)  # crashed before publishing
+    generate(family["head"], store, "minilm", "head", publish_manifest=False)  # crashed before publishing
     pending = chunk_ids(store) - referenced(store)
     assert pending
     res = catalog.gc(store, grace=3600)

@@ -22,7 +22,7 @@ from mlfs.faultproxy import FaultProxy
 from mlfs.generate import plan_spans
 from mlfs.stores import open_store
 
-from test_generate import same_tree
+from conftest import same_tree
 
 
 def sealed_and_intact(f) -> bool:

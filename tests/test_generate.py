@@ -9,28 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from conftest import generate_into, run_mlfs
+from conftest import generate_into, run_mlfs, same_tree
 from mlfs import manifest as mf
+from mlfs.errors import StoreError
 from mlfs.export import export
 from mlfs.generate import generate
 from mlfs.stores import open_store
-
-import torch
-from safetensors.torch import save_file
-
-
-def same_tree(a: Path, b: Path) -> None:
-    files_a = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
-    assert files_a == files_b
-    for rel in files_a:
-        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
-        assert (a / rel).stat().st_mode & 0o777 == (b / rel).stat().st_mode & 0o777, rel
 
 
 @pytest.fixture
 def edge_model(tmp_path) -> Path:
     """Every dtype safetensors supports, 0-d and empty tensors, metadata, shards, odd files."""
+    import torch
+    from safetensors.torch import save_file
+
     d = tmp_path / "edge"
     (d / "nested" / "deeper").mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
@@ -78,6 +70,7 @@ def test_round_trip_edge_cases(store, edge_model, tmp_path):
     assert by_path["run.sh"].mode == 0o755
     export(m, store, tmp_path / "out")
     same_tree(edge_model, tmp_path / "out")
+    import torch
     from safetensors.torch import load_file
 
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -199,7 +192,7 @@ def test_store_failure_mid_generate_publishes_no_manifest(tmp_path, family):
         return real_put(key, data)
 
     store._put = flaky_put
-    with pytest.raises(Exception):
+    with pytest.raises(StoreError, match="simulated refusal"):
         generate(family["v1"], store, "minilm", "v1")
     assert list(store.list_manifests()) == []
     store._put = real_put

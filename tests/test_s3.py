@@ -80,8 +80,10 @@ def test_a_response_the_direct_path_refuses_is_answered_by_boto3(s3, caplog):
 
 def test_direct_path_can_be_turned_off(moto_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
-    monkeypatch.setenv("MLFS_S3_DIRECT", "0")
+    from mlfs import config
+
+    monkeypatch.setattr(config, "S3_DIRECT", False)  # what MLFS_S3_DIRECT=0 sets
     assert open_store(f"s3://{make_bucket(moto_server)}").direct is None
-    monkeypatch.setenv("MLFS_S3_DIRECT", "1")
+    monkeypatch.setattr(config, "S3_DIRECT", True)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     assert open_store(f"s3://{make_bucket(moto_server)}").direct is None  # proxies: boto3's job

@@ -4,11 +4,20 @@ Layout inside every store::
 
     chunks/<first 2 hex>/<blake3 hex>     immutable, content-addressed
     manifests/<id>/<version>.json         written last, after every chunk it names
-    aliases/<id>/<alias>                  a version name (issue 4)
+    aliases/<id>/<alias>                  a version name
 
-A backend implements five key-level primitives (``_get``, ``_put``, ``_head``, ``_list``,
-``_delete``) and says which of its exceptions are temporary (``is_temp_failure``); everything else —
-retries with backoff, the chunk/manifest conveniences — is written once here.
+Only this package knows that layout: the rest of mlfs calls the public methods below.
+
+A backend implements six key-level primitives (``_get``, ``_put``, ``_create``, ``_head``,
+``_list``, ``_delete``) and says which of its exceptions are temporary (``is_temp_failure``);
+everything else — retries with backoff, the chunk/manifest/alias conveniences — is written once here.
+Every exception a public method raises is an ``MlfsError`` (a backend's unforeseen exception becomes
+a ``StoreError`` naming the operation), so no caller, and no background task of a mount, has to know
+a backend's exception types.
+
+Published versions are immutable (docs/adr/0013): ``create_manifest`` publishes only where no
+manifest exists, atomically, so of two concurrent publishers of one ``id@version`` exactly one wins.
+Aliases are mutable: ``put_alias`` replaces.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from typing import Callable, Iterator, TypeVar
 import blake3
 
 from .. import config
-from ..errors import CorruptChunk, ObjectNotFound, StoreError, StoreUnavailable
+from ..errors import CorruptChunk, MlfsError, ObjectNotFound, StoreError, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -58,6 +67,11 @@ class Store(ABC):
     @abstractmethod
     def _put(self, key: str, data: bytes | memoryview) -> None:
         """Atomically create or replace an object: readers see all of it or nothing."""
+
+    @abstractmethod
+    def _create(self, key: str, data: bytes) -> bool:
+        """Create an object only if no object has the key, atomically: True if this call created
+        it, False if one was there (then nothing is written)."""
 
     @abstractmethod
     def _head(self, key: str) -> ObjectInfo | None:
@@ -103,7 +117,12 @@ class Store(ABC):
                 return fn()
             except Exception as e:  # noqa: BLE001 - classified right below
                 if not self.is_temp_failure(e):
-                    raise
+                    if isinstance(e, MlfsError):
+                        raise
+                    # A backend exception nobody mapped (an expired token, a 400...): still one
+                    # of ours, so no caller can be surprised by a backend's exception type.
+                    raise StoreError(f"{what}: store {self.describe()} refused: {_one_line(e)}") \
+                        from None
                 left = end - time.monotonic()
                 if left <= 0:
                     raise StoreUnavailable(
@@ -112,6 +131,21 @@ class Store(ABC):
                 self.retries += 1
                 time.sleep(min(left, random.uniform(0, delay)))
                 delay = min(delay * 2, 2.0)
+
+    def _listing(self, prefix: str) -> Iterator[ObjectInfo]:
+        """``_list`` with every exception an MlfsError (backends retry pages themselves)."""
+        it = iter(self._list(prefix))
+        while True:
+            try:
+                info = next(it)
+            except StopIteration:
+                return
+            except MlfsError:
+                raise
+            except Exception as e:  # noqa: BLE001 - see retry()
+                raise StoreError(f"list {prefix}: store {self.describe()} failed: "
+                                 f"{_one_line(e)}") from None
+            yield info
 
     # -- chunks ---------------------------------------------------------------------------------
     def get_chunk(self, chunk_id: str, deadline: float | None = None) -> bytes:
@@ -134,7 +168,10 @@ class Store(ABC):
                            f"({len(data)} bytes, expected {size}, blake3 mismatch)")
 
     def has_chunk(self, chunk_id: str) -> bool:
-        return self.retry(lambda: self._head(chunk_key(chunk_id)), "head chunk") is not None
+        return self.head_chunk(chunk_id) is not None
+
+    def head_chunk(self, chunk_id: str) -> ObjectInfo | None:
+        return self.retry(lambda: self._head(chunk_key(chunk_id)), "head chunk")
 
     def put_chunk(self, chunk_id: str, data: bytes | memoryview) -> None:
         self.retry(lambda: self._put(chunk_key(chunk_id), data), f"upload chunk {chunk_id[:16]}")
@@ -143,7 +180,7 @@ class Store(ABC):
         self.retry(lambda: self._touch(chunk_key(chunk_id)), f"refresh chunk {chunk_id[:16]}")
 
     def list_chunks(self) -> Iterator[tuple[str, ObjectInfo]]:
-        for info in self._list("chunks/"):
+        for info in self._listing("chunks/"):
             name = info.key.rsplit("/", 1)[-1]
             if len(name) == 64:
                 yield name, info
@@ -159,11 +196,33 @@ class Store(ABC):
             raise ObjectNotFound(
                 f"no manifest {model_id}@{version} in store {self.describe()}") from None
 
+    def find_manifest_bytes(self, model_id: str, version: str) -> bytes | None:
+        """The manifest's bytes, or None if the version is not published."""
+        try:
+            return self.get_manifest_bytes(model_id, version)
+        except ObjectNotFound:
+            return None
+
+    def has_manifest(self, model_id: str, version: str) -> bool:
+        return self.retry(lambda: self._head(manifest_key(model_id, version)), "head manifest") \
+            is not None
+
     def put_manifest_bytes(self, model_id: str, version: str, data: bytes) -> None:
+        """Publish, replacing any manifest of that version (``generate --force``)."""
         self.retry(lambda: self._put(manifest_key(model_id, version), data), "publish manifest")
 
+    def create_manifest(self, model_id: str, version: str, data: bytes) -> bool:
+        """Publish only if the version does not exist: True if this call published it.
+
+        A retried create whose first attempt did land returns False; callers compare the manifest
+        they find with their own (``generate`` does), so that case reads as "already published,
+        same content".
+        """
+        return self.retry(lambda: self._create(manifest_key(model_id, version), data),
+                          "publish manifest")
+
     def list_manifests(self) -> Iterator[tuple[str, str, ObjectInfo]]:
-        for info in self._list("manifests/"):
+        for info in self._listing("manifests/"):
             parts = info.key.split("/")
             if len(parts) == 3 and parts[2].endswith(".json"):
                 yield parts[1], parts[2][:-5], info
@@ -180,6 +239,16 @@ class Store(ABC):
 
     def put_alias(self, model_id: str, alias: str, version: str) -> None:
         self.retry(lambda: self._put(f"aliases/{model_id}/{alias}", version.encode()), "set alias")
+
+    def delete_alias(self, model_id: str, alias: str) -> None:
+        self.retry(lambda: self._delete(f"aliases/{model_id}/{alias}"), "delete alias")
+
+    def list_alias_names(self) -> Iterator[tuple[str, str, ObjectInfo]]:
+        """``(model id, alias, info)`` of every alias object (its target needs ``get_alias``)."""
+        for info in self._listing("aliases/"):
+            parts = info.key.split("/")
+            if len(parts) == 3:
+                yield parts[1], parts[2], info
 
 
 def _one_line(e: BaseException) -> str:

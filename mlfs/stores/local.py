@@ -56,11 +56,36 @@ class LocalStore(Store):
                 raise StorePermissionError(f"cannot write {path}: {e.strerror}") from None
             raise StoreError(f"cannot write {path}: {e.strerror}") from None
 
+    def _create(self, key: str, data: bytes) -> bool:
+        """link(2) of a complete temp file: atomic, and fails if the name exists (EEXIST), so of
+        two concurrent creators exactly one wins, whatever their timing."""
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+        except OSError as e:
+            if isinstance(e, PermissionError):
+                raise StorePermissionError(f"cannot write {path}: {e.strerror}") from None
+            raise StoreError(f"cannot write {path}: {e.strerror}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def _head(self, key: str) -> ObjectInfo | None:
         try:
             st = os.stat(self._path(key))
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise StoreError(f"cannot stat {self._path(key)}: {e.strerror}") from None
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
@@ -102,3 +127,8 @@ class LocalStore(Store):
     def put_manifest_bytes(self, model_id: str, version: str, data: bytes) -> None:
         super().put_manifest_bytes(model_id, version, data)
         self.sync()
+
+    def create_manifest(self, model_id: str, version: str, data: bytes) -> bool:
+        created = super().create_manifest(model_id, version, data)
+        self.sync()
+        return created

@@ -34,7 +34,10 @@ from .base import ObjectInfo, Store
 log = logging.getLogger("mlfs.s3")
 
 _TEMP_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-               "ServiceUnavailable", "503", "500", "502", "504", "RequestTimeTooSkewed"}
+               "ServiceUnavailable", "503", "500", "502", "504", "RequestTimeTooSkewed",
+               "ConditionalRequestConflict"}
+_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                 "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled"}
 _TEMP_EXC = (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
              bx.ConnectTimeoutError, bx.IncompleteReadError, bx.ResponseStreamingError,
              bx.ProxyConnectionError, bx.FlexibleChecksumError, bx.HTTPClientError,
@@ -85,7 +88,7 @@ class S3Store(Store):
                 return StoreNotFound(f"bucket {self.bucket!r} does not exist ({self.describe()})")
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 return ObjectNotFound(f"{key} not found in {self.describe()}")
-            if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            if status == 403 or code in _DENIED_CODES:
                 return StorePermissionError(f"access to {self.describe()} denied ({code})")
         if isinstance(e, bx.NoCredentialsError):
             return StorePermissionError(f"no AWS credentials found for {self.describe()}")
@@ -134,6 +137,24 @@ class S3Store(Store):
         body = bytes(data) if isinstance(data, memoryview) else data
         self._call(key, lambda: self.client.put_object(Bucket=self.bucket, Key=self.prefix + key,
                                                        Body=body))
+
+    def _create(self, key: str, data: bytes) -> bool:
+        """A conditional PUT (``If-None-Match: *``): S3 answers 412 if the key exists, and of
+        concurrent conditional PUTs exactly one succeeds (409 to the others while one is in
+        flight: retried, then 412).  A server that ignores the header would replace the object;
+        docs/adr/0013 says which servers honour it."""
+        def put():
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data,
+                                       IfNoneMatch="*")
+                return True
+            except bx.ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code == "PreconditionFailed" or status == 412:
+                    return False
+                raise
+        return self._call(key, put)
 
     def _head(self, key: str) -> ObjectInfo | None:
         try:
@@ -195,7 +216,7 @@ class DirectGet:
     @classmethod
     def create(cls, store: S3Store, max_connections: int) -> DirectGet | None:
         """The direct path for *store*, or None where boto3 must do every request."""
-        if os.environ.get("MLFS_S3_DIRECT", "1") == "0":
+        if not config.S3_DIRECT:
             return None
         if any(os.environ.get(v) for v in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
                                            "https_proxy", "all_proxy")):
