@@ -129,6 +129,7 @@ def write_output(path: str, data: bytes) -> None:
     anything else (``/dev/null``, a FIFO, a terminal) is written as it is, never replaced."""
     import stat as stat_
 
+    path = os.path.realpath(path)  # through a symlink to what it names; the link stays
     try:
         st = os.stat(path)
     except FileNotFoundError:

@@ -89,12 +89,12 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._tensor_index: OrderedDict[tuple[str, str], tuple[list[int], list[int]]] = \
             OrderedDict()
+        self.uid = os.getuid()
+        self.gid = os.getgid()
 
     @property
     def nursery(self) -> trio.Nursery | None:
         return self.supervisor.nursery
-        self.uid = os.getuid()
-        self.gid = os.getgid()
 
     # -- attributes -----------------------------------------------------------------------------
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:

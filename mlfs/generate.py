@@ -319,8 +319,8 @@ def publish(store: Store, manifest: mf.Manifest, *, force: bool = False) -> tupl
         existing = store.find_manifest_bytes(mid, version)
         if existing is None:
             continue  # removed between our create and our read: try again
-        if existing == data:
-            return manifest, "published"  # our own create landed on an earlier attempt
+        if existing == data:  # identical bytes: another run in the same second, or our own
+            return manifest, "unchanged"  # create that landed before a retried attempt
         try:
             old = mf.loads(existing)
         except mf.ManifestError as e:

@@ -66,7 +66,7 @@ class Tree:
 
     def __init__(self, files: list[FileEntry], inodes: Inodes | None = None, mtime_ns: int = 0,
                  manifest: Manifest | None = None) -> None:
-        inodes = inodes or Inodes()
+        inodes = Inodes() if inodes is None else inodes
         self.manifest = manifest
         self.files = files
         self.mtime_ns = mtime_ns

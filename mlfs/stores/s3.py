@@ -165,16 +165,21 @@ class S3Store(Store):
         return ObjectInfo(key, r["ContentLength"], r["LastModified"].timestamp())
 
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
-        paginator = self.client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix)
-        it = iter(pages)
+        """Page by page, each page its own retried request (a failed page is asked for again,
+        never mistaken for the end of the listing)."""
+        token = None
         while True:
-            page = self.retry(lambda: self._call(prefix, lambda: next(it, None)), "list")
-            if page is None:
-                return
+            kw = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self.retry(lambda: self._call(prefix, lambda: self.client.list_objects_v2(**kw)),
+                              "list")
             for obj in page.get("Contents", []):
                 yield ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"],
                                  obj["LastModified"].timestamp())
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
 
     def _touch(self, key: str) -> None:
         # A server-side copy onto itself renews LastModified without moving the bytes.

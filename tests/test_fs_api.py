@@ -1,0 +1,361 @@
+"""The in-process tier (S3QL's t3_fs_api): Operations, ChunkSource and Switcher driven under trio
+against the local store and a fake store that fails, stalls and corrupts on demand — no kernel.
+
+Kernel mounts (test_mount.py, test_switch.py, test_robustness.py) stay for what only a kernel shows.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+
+import blake3
+import pyfuse3
+import pytest
+import trio
+
+from mlfs import manifest as mf
+from mlfs.cache import ChunkCache
+from mlfs.errors import MlfsError, ObjectNotFound, StoreError
+from mlfs.fetch import ChunkSource
+from mlfs.fs import Operations
+from mlfs.generate import generate
+from mlfs.stores import LocalStore
+from mlfs.supervise import Supervisor
+from mlfs.switch import Switcher
+from mlfs.tree import ROOT_INODE, Inodes, Tree, chunk_slices
+
+PIECE = 4 << 20
+
+
+class FakeStore(LocalStore):
+    """The local store with knobs: ``fail`` (chunk ids whose GET raises a permanent error),
+    ``corrupt`` (ids whose bytes come back flipped), ``stall`` (seconds every GET sleeps first),
+    ``boom`` (ids whose GET raises an exception no store should raise); ``gets`` counts GETs."""
+
+    def __init__(self, root) -> None:
+        super().__init__(root, create=True)
+        self.fail: set[str] = set()
+        self.corrupt: set[str] = set()
+        self.boom: set[str] = set()
+        self.stall = 0.0
+        self.gets: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _get(self, key: str) -> bytes:
+        cid = key.rsplit("/", 1)[-1]
+        with self._lock:
+            self.gets[cid] = self.gets.get(cid, 0) + 1
+        if self.stall:
+            time.sleep(self.stall)
+        if cid in self.fail:
+            raise ObjectNotFound(f"{key} not found (injected)")
+        if cid in self.boom:
+            raise RuntimeError("a backend bug (injected)")
+        data = super()._get(key)
+        if cid in self.corrupt:
+            data = bytes([data[0] ^ 1]) + data[1:]
+        return data
+
+
+@pytest.fixture
+def model(tmp_path):
+    """Three generic pieces (4 MiB, 4 MiB, 1 MiB + 3) and a small file, in a fake store."""
+    d = tmp_path / "model"
+    d.mkdir()
+    blob = os.urandom(2 * PIECE + (1 << 20) + 3)
+    (d / "blob.bin").write_bytes(blob)
+    (d / "config.json").write_text('{"a": 1}')
+    store = FakeStore(tmp_path / "store")
+    m = generate(d, store, "m", "v1").manifest
+    return store, m, blob
+
+
+def make_ops(store, m, tmp_path, **kw):
+    cache = ChunkCache(tmp_path / "cache", 1 << 30)
+    source = ChunkSource(store, cache, **kw)
+    inodes = Inodes()
+    ops = Operations(Tree.of(m, inodes), source, {}, inodes=inodes, supervisor=Supervisor())
+    return ops, source, inodes
+
+
+async def open_file(ops, name: str) -> int:
+    attr = await ops.lookup(ROOT_INODE, name.encode())
+    info = await ops.open(attr.st_ino, os.O_RDONLY, None)
+    return info.fh
+
+
+def run(fn):
+    """Run ``fn(nursery)`` under trio with the nursery given to read-ahead, as mount.py does."""
+    async def main():
+        async with trio.open_nursery() as n:
+            await fn(n)
+            n.cancel_scope.cancel()
+    trio.run(main)
+
+
+def test_chunk_slices_at_every_boundary(model):
+    _, m, blob = model
+    f = next(f for f in m.files if f.path == "blob.bin")
+    edges = [0, *f.offsets[1:], f.size]
+    for edge in edges:
+        for off in (edge - 1, edge, edge + 1):
+            for size in (1, 2, 4095, PIECE + 1):
+                if off < 0:
+                    continue
+                got = b"".join(blob[f.offsets[i] + a:f.offsets[i] + b]
+                               for i, a, b in chunk_slices(f, off, size))
+                assert got == blob[off:off + size], (off, size)
+    assert chunk_slices(f, f.size, 10) == [] and chunk_slices(f, f.size + 5, 10) == []
+
+
+def test_reads_at_every_boundary_are_exact(model, tmp_path):
+    store, m, blob = model
+    ops, source, _ = make_ops(store, m, tmp_path)
+
+    async def go(n):
+        ops.supervisor.nursery = n
+        fh = await open_file(ops, "blob.bin")
+        for edge in (0, PIECE, 2 * PIECE, len(blob)):
+            for off in (edge - 1, edge, edge + 1):
+                for size in (1, 3, 131072, PIECE + 7):
+                    if off < 0:
+                        continue
+                    assert bytes(await ops.read(fh, off, size)) == blob[off:off + size], (off, size)
+        await ops.release(fh)
+    run(go)
+    assert source.counters.fetch_errors == 0
+
+
+def test_single_flight_one_get_per_chunk_whatever_the_readers(model, tmp_path):
+    store, m, blob = model
+    store.stall = 0.2  # every reader arrives while the first GET is still out
+    ops, source, _ = make_ops(store, m, tmp_path)
+
+    async def go(n):
+        fhs = [await open_file(ops, "blob.bin") for _ in range(8)]
+        out = {}
+
+        async def reader(i, fh):
+            out[i] = bytes(await ops.read(fh, 1000 + i, 4096))
+        async with trio.open_nursery() as inner:
+            for i, fh in enumerate(fhs):
+                inner.start_soon(reader, i, fh)
+        for i in out:
+            assert out[i] == blob[1000 + i:1000 + i + 4096]
+    run(go)
+    first = next(f for f in m.files if f.path == "blob.bin").chunk_ids[0]
+    assert store.gets[first] == 1
+
+
+@pytest.mark.parametrize("fault", ["missing", "corrupt", "stall", "boom"])
+def test_a_chunk_that_cannot_be_had_is_eio_and_the_next_read_works(model, tmp_path, fault):
+    store, m, blob = model
+    f = next(f for f in m.files if f.path == "blob.bin")
+    bad = f.chunk_ids[1]
+    ops, source, _ = make_ops(store, m, tmp_path, timeout=1.0)
+    if fault == "missing":
+        store.fail.add(bad)
+    elif fault == "corrupt":
+        store.corrupt.add(bad)
+    elif fault == "boom":
+        store.boom.add(bad)
+
+    async def go(n):
+        fh = await open_file(ops, "blob.bin")
+        if fault == "stall":
+            store.stall = 3.0
+        t = time.monotonic()
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.read(fh, PIECE + 5, 100)
+        assert e.value.errno == errno.EIO
+        assert time.monotonic() - t < 2.5  # the timeout, not the stall, decides
+        store.stall = 0.0
+        store.fail.clear(), store.corrupt.clear(), store.boom.clear()
+        assert bytes(await ops.read(fh, PIECE + 5, 100)) == blob[PIECE + 5:PIECE + 105]
+    run(go)
+    assert source.counters.fetch_errors >= 1
+    if fault == "corrupt":
+        assert store.corrupt_reads == 3  # fetched again before it was called corrupt
+
+
+def test_unmapped_backend_errors_become_store_errors(model):
+    store, m, _ = model
+    cid = m.files[0].chunk_ids[0]
+    store.boom.add(cid)
+    with pytest.raises(StoreError, match="RuntimeError: a backend bug"):
+        store.get_chunk(cid)
+    with pytest.raises(MlfsError):
+        store.get_chunk_verified(cid, m.files[0].chunk_sizes[0])
+
+
+def version(base: mf.Manifest, store, i: int) -> mf.Manifest:
+    """*base* plus ``note.txt`` whose content names version *i* (its chunk put in *store*)."""
+    body = f"version {i}\n".encode()
+    cid = blake3.blake3(body).hexdigest()
+    store.put_chunk(cid, body)
+    note = mf.FileEntry("note.txt", len(body), 0o644, cid, [cid], [len(body)])
+    return mf.Manifest(base.id, f"v{i}", [*base.files, note], store=store.url)
+
+
+def test_flip_keeps_old_handles_and_releases_forgotten_inodes(model, tmp_path):
+    store, base, _ = model
+    v1, v2 = version(base, store, 1), version(base, store, 2)
+    ops, source, inodes = make_ops(store, v1, tmp_path)
+    invalidated = []
+    sw = Switcher(ops, source, inodes, invalidate=lambda p, n: invalidated.append((p, n)))
+
+    async def go(n):
+        attr = await ops.lookup(ROOT_INODE, b"note.txt")  # the kernel now knows the v1 inode
+        old_ino = attr.st_ino
+        fh = (await ops.open(old_ino, os.O_RDONLY, None)).fh
+        blob_ino = (await ops.lookup(ROOT_INODE, b"blob.bin")).st_ino
+        result = await sw.switch_manifest(v2)
+        assert result["to"] == "m@v2" and (ROOT_INODE, b"note.txt") in invalidated
+        assert (await ops.lookup(ROOT_INODE, b"blob.bin")).st_ino == blob_ino  # unchanged file
+        new = await open_file(ops, "note.txt")
+        assert bytes(await ops.read(new, 0, 100)) == b"version 2\n"
+        assert bytes(await ops.read(fh, 0, 100)) == b"version 1\n"  # opened before the flip
+        assert old_ino in ops.retired
+        await ops.release(fh)
+        assert old_ino in ops.retired  # the kernel still knows it
+        await ops.forget([(old_ino, 1)])
+        assert old_ino not in ops.retired
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.getattr(old_ino, None)
+    run(go)
+
+
+def test_a_switch_to_another_model_needs_to_be_asked_for(model, tmp_path):
+    store, base, _ = model
+    other = mf.Manifest("other", "v1", base.files, store=store.url)
+    ops, source, inodes = make_ops(store, base, tmp_path)
+    sw = Switcher(ops, source, inodes, invalidate=lambda p, n: None)
+
+    async def go(n):
+        with pytest.raises(MlfsError, match="another model.*--allow-model-change"):
+            await sw.switch_manifest(other)
+        assert ops.tree.manifest.id == "m"
+        await sw.switch_manifest(other, allow_model_change=True)
+        assert ops.tree.manifest.id == "other"
+    run(go)
+
+
+def test_two_hundred_switches_keep_per_mount_state_bounded(model, tmp_path):
+    """Each switch changes note.txt; the 'kernel' looks it up, opens, reads and forgets it as the
+    real one does after invalidate_entry.  What the mount keeps must not grow with the switches."""
+    store, base, _ = model
+    ops, source, inodes = make_ops(store, version(base, store, 0), tmp_path)
+    sw = Switcher(ops, source, inodes, invalidate=lambda p, n: None)
+    sizes = []
+
+    async def go(n):
+        ops.supervisor.nursery = n
+        held = None
+        for i in range(1, 201):
+            await sw.switch_manifest(version(base, store, i), warm=(i % 2 == 0))
+            attr = await ops.lookup(ROOT_INODE, b"note.txt")
+            fh = (await ops.open(attr.st_ino, os.O_RDONLY, None)).fh
+            assert bytes(await ops.read(fh, 0, 64)) == f"version {i}\n".encode()
+            await ops.release(fh)
+            # The kernel forgets the previous version's inode once invalidated.
+            if held is not None:
+                await ops.forget([held])
+            held = (attr.st_ino, 1)
+            sizes.append((len(ops.retired), len(inodes), len(ops.lookups), len(ops._tensor_index)))
+    run(go)
+    assert max(s[0] for s in sizes) <= 1
+    assert sizes[-1][1] <= len(sizes[0]) + 4 and max(s[1] for s in sizes) <= 6
+    assert max(s[2] for s in sizes) <= 3
+
+
+def test_a_failed_warm_gives_back_the_inode_numbers_it_took(model, tmp_path):
+    store, base, _ = model
+    ops, source, inodes = make_ops(store, version(base, store, 0), tmp_path, timeout=1.0)
+    sw = Switcher(ops, source, inodes, invalidate=lambda p, n: None)
+    broken = version(base, store, 1)
+    store.fail.add(broken.files[-1].chunk_ids[0])
+    before = len(inodes)
+
+    async def go(n):
+        for _ in range(20):
+            with pytest.raises(MlfsError):
+                await sw.switch_manifest(broken)
+        assert ops.tree.manifest.version == "v0"
+    run(go)
+    assert len(inodes) == before
+
+
+def test_supervised_task_is_counted_and_restarted(monkeypatch):
+    from mlfs import config
+
+    monkeypatch.setattr(config, "RESTART_DELAY", 0.01)
+    sup = Supervisor()
+    calls = []
+
+    async def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("boom")  # a bug: logged with its traceback, counted
+        if len(calls) < 4:
+            raise StoreError("store down")  # ours: one line, counted
+
+    trio.run(lambda: sup.run("flaky", flaky, delay=0.01))
+    assert len(calls) == 4 and sup.errors == 3
+    assert sup.snapshot()["last_background_error"] == "flaky: store down"
+
+
+def test_control_socket_survives_clients_that_leave_stall_or_lie(model, tmp_path):
+    """A client that sends a line and closes, one that closes at once, one that sends garbage or
+    a huge line: each costs its own connection; a proper request afterwards still switches."""
+    store, base, _ = model
+    v1, v2 = version(base, store, 1), version(base, store, 2)
+    ops, source, inodes = make_ops(store, v1, tmp_path)
+    sup = Supervisor()
+    sw = Switcher(ops, source, inodes, invalidate=lambda p, n: None)
+    sock = str(tmp_path / "ctl.sock")
+    path2 = tmp_path / "v2.json"
+    path2.write_bytes(v2.dumps())
+
+    async def client(payload: bytes, read: bool, hold: float = 0.0):
+        s = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await s.connect(sock)
+        try:
+            while payload:
+                payload = payload[await s.send(payload):]
+        except OSError:
+            pass  # a huge line: the mount stops reading, answers and closes
+        await trio.sleep(hold)
+        reply = b""
+        if read:
+            while not reply.endswith(b"\n"):
+                chunk = await s.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        s.close()
+        return reply
+
+    async def go(n):
+        sup.nursery = n
+        sup.start("control socket", lambda: sw.serve_control(sock, record=sup.record), restart=True)
+        while not os.path.exists(sock):
+            await trio.sleep(0.01)
+        import json
+        req = json.dumps({"op": "switch", "path": str(path2)}).encode() + b"\n"
+        await client(req, read=False)  # asks for a switch and leaves before the answer
+        await client(b"", read=False)
+        assert b'"ok": false' in await client(b"not json\n", read=True)
+        assert b'"ok": false' in await client(b'{"op": "switch", "path": 7}\n', read=True)
+        n.start_soon(lambda: client(b"x" * (2 << 20), False))
+        n.start_soon(lambda: client(b'{"op": "sw', False, 3600))  # says half a line, then nothing
+        await trio.sleep(0.3)
+        assert ops.tree.manifest.version == "v2"  # the abandoned request still switched
+        path1 = tmp_path / "v1.json"
+        path1.write_bytes(v1.dumps())
+        reply = await client(json.dumps({"op": "switch", "path": str(path1)}).encode() + b"\n", True)
+        assert b'"ok": true' in reply and ops.tree.manifest.version == "v1"
+    run(go)
+    assert sup.errors == 0
