@@ -87,3 +87,25 @@ def test_direct_path_can_be_turned_off(moto_server, monkeypatch):
     monkeypatch.setattr(config, "S3_DIRECT", True)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     assert open_store(f"s3://{make_bucket(moto_server)}").direct is None  # proxies: boto3's job
+
+
+@pytest.mark.parametrize("code,status,kind", [("ExpiredToken", 400, "StorePermissionError"),
+                                              ("InvalidArgument", 400, "StoreError"),
+                                              ("MethodNotAllowed", 405, "StoreError")])
+def test_every_error_of_the_s3_store_is_one_of_ours(s3, code, status, kind):
+    """Unmapped botocore errors (an expired token, a 400) used to escape as ClientError and end
+    background tasks of a mount; now each is an MlfsError naming the operation."""
+    import botocore.exceptions as bx
+
+    from mlfs import errors
+
+    def refuse(**kw):
+        raise bx.ClientError({"Error": {"Code": code, "Message": "no"},
+                              "ResponseMetadata": {"HTTPStatusCode": status}}, "ListObjectsV2")
+    s3.client.list_objects_v2 = refuse
+    s3.client.head_object = refuse
+    with pytest.raises(errors.MlfsError) as e:
+        list(s3.list_manifests())
+    assert type(e.value).__name__ == kind
+    with pytest.raises(getattr(errors, kind)):
+        s3.has_manifest("m", "v1")

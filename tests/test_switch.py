@@ -125,7 +125,8 @@ def test_a_broken_manifest_leaves_the_mount_on_its_version(store, two_versions, 
     assert p.returncode == 1 and "switch refused" in p.stderr
     # The watched file replaced by garbage: logged, ignored.
     watched.write_text("{ not json")
-    time.sleep(1.0)
+    wait_for(lambda: "not valid JSON" in (mnt.stats().get("last_switch_error") or ""),
+             what="the watch to see the broken manifest")
     s = mnt.stats()
     assert s["version"] == "v1" and "not valid JSON" in s["last_switch_error"]
     assert sha(mnt.mountpoint / "model.safetensors") == sha(family["v1"] / "model.safetensors")
