@@ -1,10 +1,12 @@
 """Stored bytes and object counts of one model family under several chunking strategies.
 
-    python benchmarks/dedup.py [FAMILY_DIR]
+    python benchmarks/dedup.py [FAMILY_DIR] [--format safetensors|gguf|torch|all]
 
 FAMILY_DIR holds one model directory per version (default: builds the MiniLM family of
-examples/model_family.py into a temp dir).  Every strategy sees the same files; "stored" is the sum
-of the distinct chunks, "objects" their count (each one a store request on a cold read).
+examples/model_family.py into a temp dir, in each format asked for: safetensors as shipped, GGUF
+written by gguf-py — plus "meta", v1 with one more metadata field — and ``torch.save``
+checkpoints).  Every strategy sees the same files; "stored" is the sum of the distinct chunks,
+"objects" their count (each one a store request on a cold read).
 """
 
 from __future__ import annotations
@@ -32,18 +34,22 @@ def tensor_spans(data: bytes, size: int, *, piece: int, small: int, policy: str,
                                       pack_limit=pack_limit)
 
 
-def strategies():
+def strategies(fmt: str = "safetensors"):
     yield "whole file", lambda rel, data, size: [(0, size)] if size else []
+    if fmt != "safetensors":
+        yield "fixed 4 MiB offsets (mlfs before)", \
+            lambda rel, data, size: chunking.fixed_spans(0, size, 4 * MiB)
     yield "fixed 16 MiB offsets", lambda rel, data, size: chunking.fixed_spans(0, size, 16 * MiB)
     try:
         import pyfastcdc
 
-        def cdc(rel, data, size):
-            if not size:
-                return []
-            return [(c.offset, c.offset + c.length)
-                    for c in pyfastcdc.FastCDC(avg_size=65536).cut_buf(data)]
-        yield "64 KiB CDC (FastCDC)", cdc
+        for avg in (16384, 65536):
+            def cdc(rel, data, size, avg=avg):
+                if not size:
+                    return []
+                return [(c.offset, c.offset + c.length)
+                        for c in pyfastcdc.FastCDC(avg_size=avg).cut_buf(data)]
+            yield f"{avg >> 10} KiB CDC (FastCDC)", cdc
     except ImportError:
         print("pyfastcdc not installed: skipping the CDC row", file=sys.stderr)
 
@@ -55,6 +61,9 @@ def strategies():
             except HeaderError:
                 pass
         return chunking.fixed_spans(0, size, MiB)
+    if fmt != "safetensors":
+        yield "mlfs default", lambda rel, data, size: plan_spans(rel, data, size)[0]
+        return
     yield "one chunk per tensor", per_tensor
 
     for piece in (256 << 10, MiB, 4 * MiB, 8 * MiB, 16 * MiB):
@@ -71,14 +80,14 @@ def strategies():
     yield "mlfs default", lambda rel, data, size: plan_spans(rel, data, size)[0]
 
 
-def measure(dirs: list[Path]):
+def measure(dirs: list[Path], fmt: str = "safetensors"):
     files = []
     for d in dirs:
         for rel, full, size, _ in scan_model_dir(d):
             files.append((rel, full.read_bytes(), size))
     logical = sum(s for _, _, s in files)
     rows = []
-    for name, fn in strategies():
+    for name, fn in strategies(fmt):
         chunks: dict[bytes, int] = {}
         for rel, data, size in files:
             for a, b in fn(rel, data, size):
@@ -88,26 +97,49 @@ def measure(dirs: list[Path]):
     return logical, rows
 
 
-def main() -> None:
-    if len(sys.argv) > 1:
-        family = Path(sys.argv[1])
-    else:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-        import model_family
+def build_family(fmt: str) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import model_family
 
-        family = Path(tempfile.mkdtemp(prefix="mlfs-family-"))
+    family = Path(tempfile.mkdtemp(prefix=f"mlfs-family-{fmt}-"))
+    src = Path(tempfile.mkdtemp(prefix="mlfs-family-src-")) if fmt != "safetensors" else family
+    for v in model_family.VARIANTS:
+        model_family.write_variant(model_family.base_model_dir(), src / v, v)
+    if fmt == "gguf":
         for v in model_family.VARIANTS:
-            model_family.write_variant(model_family.base_model_dir(), family / v, v)
+            model_family.write_gguf(src / v, family / v / "model.gguf")
+        model_family.write_gguf(src / "v1", family / "meta" / "model.gguf",
+                                description="same weights, one more metadata field")
+    elif fmt == "torch":
+        for v in model_family.VARIANTS:
+            model_family.write_torch(src / v, family / v / "pytorch_model.bin")
+    return family
+
+
+def report(family: Path, fmt: str) -> None:
     dirs = sorted(p for p in family.iterdir() if p.is_dir())
-    logical, rows = measure(dirs)
-    best = min(s for _, s, _ in rows)
-    cdc_objects = next((o for n, _, o in rows if "CDC" in n), None)
-    print(f"family: {', '.join(d.name for d in dirs)}; logical {logical / MiB:.1f} MiB")
-    print(f"{'strategy':<38} {'stored MiB':>10} {'dedup':>7} {'vs best':>8} {'objects':>8} {'vs CDC':>7}")
+    logical, rows = measure(dirs, fmt)
+    best = min(s for n, s, _ in rows)
+    cdc_objects = next((o for n, _, o in rows if n.startswith("64 KiB CDC")), None)
+    print(f"\n[{fmt}] family: {', '.join(d.name for d in dirs)}; logical {logical / MiB:.1f} MiB")
+    print(f"{'strategy':<38} {'stored MiB':>10} {'dedup':>7} {'vs best':>8} {'objects':>8} "
+          f"{'vs 64K CDC':>10}")
     for name, stored, objects in rows:
         vs_cdc = f"{objects / cdc_objects:.2f}x" if cdc_objects else "-"
         print(f"{name:<38} {stored / MiB:>10.1f} {1 - stored / logical:>7.1%} "
-              f"{stored / best:>7.3f}x {objects:>8} {vs_cdc:>7}")
+              f"{stored / best:>7.3f}x {objects:>8} {vs_cdc:>10}")
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("family", nargs="?", type=Path)
+    ap.add_argument("--format", default="all", choices=["safetensors", "gguf", "torch", "all"])
+    args = ap.parse_args()
+    formats = ["safetensors", "gguf", "torch"] if args.format == "all" else [args.format]
+    for fmt in formats:
+        report(args.family or build_family(fmt), fmt)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,40 @@ def write_variant(base: Path, dest: Path, variant: str) -> Path:
     return dest
 
 
+def write_gguf(variant_dir: Path, dest: Path, description: str = "") -> Path:
+    """The variant's weights as a GGUF file written by llama.cpp's own writer (gguf-py), with the
+    tokenizer's vocabulary in its metadata as llama.cpp converters put it.  *description* adds a
+    metadata field: a version that differs from another only in metadata."""
+    import gguf
+
+    tensors = load_file(str(variant_dir / "model.safetensors"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(dest), "bert")
+    w.add_name("all-MiniLM-L6-v2")
+    if description:
+        w.add_description(description)
+    vocab = (variant_dir / "vocab.txt")
+    if vocab.exists():
+        w.add_token_list(vocab.read_text().splitlines())
+    for name, t in tensors.items():
+        w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dest
+
+
+def write_torch(variant_dir: Path, dest: Path) -> Path:
+    """The variant's weights as a ``torch.save`` zip checkpoint (a ``pytorch_model.bin``)."""
+    import torch
+
+    tensors = load_file(str(variant_dir / "model.safetensors"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in tensors.items()}, str(dest))
+    return dest
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir", type=Path)

@@ -96,16 +96,39 @@ def generic_spans(size: int, piece: int = GENERIC_PIECE_SIZE) -> list[tuple[int,
 def safetensors_spans(data_start: int, tensors: list[Tensor], file_size: int, *,
                       piece: int = PIECE_SIZE, small: int = SMALL_TENSOR,
                       pack_limit: int = PACK_LIMIT, policy: str = SMALL_POLICY) -> list[tuple[int, int]]:
-    """Chunk spans covering ``[0, file_size)`` for a parsed safetensors file (see module doc).
-
-    *policy* says what happens to a run of consecutive tensors smaller than *small*:
-    ``"separate"`` gives each its own chunk, ``"pack"`` puts the run in one chunk (at most
-    *pack_limit* bytes), ``"glue"`` prepends the run to the first piece of the next large tensor
-    (or appends it to the last piece of the previous one at the end of the file).
-    """
+    """Chunk spans covering ``[0, file_size)`` for a parsed safetensors file (see module doc):
+    the header, then :func:`region_spans` over the tensors."""
     spans: list[tuple[int, int]] = [(0, data_start)]
-    pos = data_start
-    run_start: int | None = None  # start of the pending run of small tensors
+    _cut(spans, data_start, [(t.begin, t.end) for t in tensors], file_size, piece=piece,
+         small=small, pack_limit=pack_limit, policy=policy)
+    return spans
+
+
+def region_spans(regions: list[tuple[int, int]], begin: int, end: int, *,
+                 piece: int = PIECE_SIZE, small: int = SMALL_TENSOR,
+                 pack_limit: int = PACK_LIMIT, policy: str = SMALL_POLICY) -> list[tuple[int, int]]:
+    """Chunk spans covering ``[begin, end)`` where *regions* (sorted, disjoint, inside it) are the
+    units that change together — tensors, a GGUF key/value, a zip entry.
+
+    *policy* says what happens to a run of consecutive regions smaller than *small*:
+    ``"separate"`` gives each its own chunk, ``"pack"`` puts the run in one chunk (at most
+    *pack_limit* bytes), ``"glue"`` prepends the run to the first piece of the next large region
+    (or appends it to the last piece of the previous one at the end).  A region of *small* or more
+    is cut into *piece*-sized pieces counted from its own start.  Bytes outside every region are
+    cut into fixed pieces of their own.
+    """
+    spans: list[tuple[int, int]] = []
+    _cut(spans, begin, regions, end, piece=piece, small=small, pack_limit=pack_limit,
+         policy=policy)
+    return spans
+
+
+def _cut(spans: list[tuple[int, int]], pos: int, regions: list[tuple[int, int]], end: int, *,
+         piece: int, small: int, pack_limit: int, policy: str) -> None:
+    """Append to *spans* the spans covering ``[pos, end)`` (spans already there are never
+    glued to)."""
+    protected = len(spans)
+    run_start: int | None = None  # start of the pending run of small regions
 
     def flush_run(at: int) -> None:
         nonlocal run_start
@@ -113,36 +136,36 @@ def safetensors_spans(data_start: int, tensors: list[Tensor], file_size: int, *,
             spans.append((run_start, at))
         run_start = None
 
-    for t in tensors:
-        if t.begin > pos:  # a gap safetensors would not write; keep its bytes anyway
+    for begin, stop in regions:
+        if begin > pos:  # bytes no region claims (a gap safetensors would not write): keep them
             flush_run(pos)
-            spans.extend(fixed_spans(pos, t.begin, piece))
-            pos = t.begin
-        size = t.end - t.begin
+            spans.extend(fixed_spans(pos, begin, piece))
+            pos = begin
+        size = stop - begin
         if size == 0:
             continue
         if size < small and policy != "separate":
-            if run_start is not None and t.end - run_start > pack_limit:
-                flush_run(t.begin)
+            if run_start is not None and stop - run_start > pack_limit:
+                flush_run(begin)
             if run_start is None:
-                run_start = t.begin
-            pos = t.end
+                run_start = begin
+            pos = stop
             continue
         if size < small:
-            spans.append((t.begin, t.end))
-            pos = t.end
+            spans.append((begin, stop))
+            pos = stop
             continue
-        pieces = fixed_spans(t.begin, t.end, piece)
+        pieces = fixed_spans(begin, stop, piece)
         if policy == "glue" and run_start is not None:
             pieces[0] = (run_start, pieces[0][1])
             run_start = None
-        flush_run(t.begin)
+        flush_run(begin)
         spans.extend(pieces)
-        pos = t.end
-    if policy == "glue" and run_start is not None and len(spans) > 1 and spans[-1][1] == run_start:
+        pos = stop
+    if (policy == "glue" and run_start is not None and len(spans) > protected
+            and spans[-1][1] == run_start):
         spans[-1] = (spans[-1][0], pos)
         run_start = None
     flush_run(pos)
-    if pos < file_size:
-        spans.extend(fixed_spans(pos, file_size, piece))
-    return spans
+    if pos < end:
+        spans.extend(fixed_spans(pos, end, piece))

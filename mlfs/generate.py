@@ -24,6 +24,7 @@ from typing import Callable
 import blake3
 
 from . import config
+from . import formats
 from . import manifest as mf
 from .chunking import HeaderError, generic_spans, header_length, parse_safetensors_header, \
     safetensors_spans
@@ -85,7 +86,8 @@ def scan_model_dir(model_dir: Path) -> list[tuple[str, Path, int, int]]:
 def plan_spans(rel: str, data: bytes | mmap.mmap, size: int) -> tuple[list[tuple[int, int]],
                                                                     list[tuple[str, int, int]] | None,
                                                                     str | None]:
-    """Chunk spans (and tensors, for safetensors files) of one file, with a warning if any."""
+    """Chunk spans (and tensors, for files whose structure we read) of one file, with a warning
+    if its structure could not be trusted and it is stored as plain fixed pieces."""
     if rel.endswith(".safetensors"):
         try:
             n = header_length(data[:8], size)
@@ -94,7 +96,26 @@ def plan_spans(rel: str, data: bytes | mmap.mmap, size: int) -> tuple[list[tuple
             return generic_spans(size), None, f"{rel}: not a valid safetensors file ({e}); stored as plain bytes"
         return (safetensors_spans(data_start, tensors, size),
                 [(t.name, t.begin, t.end) for t in tensors], None)
-    return generic_spans(size), None, None
+    try:
+        found = formats.layout(rel, data, size)
+    except HeaderError as e:
+        return generic_spans(size), None, f"{rel}: its header cannot be trusted ({e}); stored as plain bytes"
+    if found is None:
+        return generic_spans(size), None, None
+    if not covers(found.spans, size) or len({n for n, _, _ in found.tensors}) != len(found.tensors):
+        return generic_spans(size), None, f"{rel}: {found.kind} layout is inconsistent; stored as plain bytes"
+    return found.spans, found.tensors, None
+
+
+def covers(spans: list[tuple[int, int]], size: int) -> bool:
+    """True if *spans* cut ``[0, size)`` into non-empty pieces in order, no gap, no overlap,
+    none larger than a manifest may reference."""
+    pos = 0
+    for a, b in spans:
+        if a != pos or b <= a or b - a > config.MAX_CHUNK_SIZE:
+            return False
+        pos = b
+    return pos == size
 
 
 def detect_metadata(model_dir: Path, names: list[str]) -> dict[str, str]:
@@ -110,6 +131,10 @@ def detect_metadata(model_dir: Path, names: list[str]) -> dict[str, str]:
             pass
     if any(n.endswith(".safetensors") for n in names):
         found["framework"] = "safetensors"
+    elif any(n.endswith(".gguf") for n in names):
+        found["framework"] = "gguf"
+    elif any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names):
+        found["framework"] = "pytorch"
     return found
 
 

@@ -2,8 +2,8 @@
 
 ``serve`` runs in the foreground process; ``spawn`` starts it in a daemon process and returns once
 the mount is ready (or reports the error the daemon hit before readiness).  Readiness means: the
-manifest's prefetch files (and every safetensors header) are in the cache, and the kernel mount is
-up.  SIGTERM, SIGINT and SIGHUP unmount cleanly.
+manifest's prefetch files (and the header chunk of every file whose tensors it knows) are in the
+cache, and the kernel mount is up.  SIGTERM, SIGINT and SIGHUP unmount cleanly.
 
 Nothing but a signal or an unmount ends a mount: every task beside the FUSE loop runs under a
 :class:`~mlfs.supervise.Supervisor` that logs, counts and restarts it.
@@ -94,7 +94,8 @@ def check_mountpoint(mountpoint: str) -> None:
 
 
 def prefetch_set(manifest: Manifest) -> list[tuple[str, int, str]]:
-    """Chunks to cache before the mount is ready: prefetch patterns + every safetensors header."""
+    """Chunks to cache before the mount is ready: prefetch patterns + the first chunk (the header)
+    of every file with a tensor table (safetensors, GGUF, PyTorch zip)."""
     out: dict[str, tuple[str, int, str]] = {}
     for f in manifest.files:
         if match_prefetch(manifest.prefetch, f.path):
