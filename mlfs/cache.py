@@ -172,6 +172,14 @@ class ChunkCache:
             pass  # an LRU hint only
         return data
 
+    def size_of(self, chunk_id: str) -> int | None:
+        """The content size of a cached chunk (its file less the seal), or None if not cached."""
+        try:
+            n = self.path(chunk_id).stat().st_size
+        except OSError:
+            return None
+        return n - SEAL if n >= SEAL else None
+
     def _read(self, chunk_id: str, size: int) -> memoryview | None:
         """Read and check one chunk file; None if it is damaged.  Raises OSError if unreadable.
 

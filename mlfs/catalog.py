@@ -112,21 +112,31 @@ def versions(store: Store, model_id: str | None = None,
             continue
         unique = sum(s for c, s in m.chunk_sizes().items() if refs[c] == 1)
         out.append(Version(m, sorted(aliases.get((m.id, m.version), [])), unique))
-    stored = count = 0
-    for _, info in store.list_chunks():
-        stored += info.size
-        count += 1
+    stored = count = None
+    if store.writable:  # an HTTP store cannot list its chunks
+        stored = count = 0
+        for _, info in store.list_chunks():
+            stored += info.size
+            count += 1
     logical = sum(m.logical_size for m in everything)
     referenced = sum(sizes.values())
     totals = {"models": len({m.id for m in everything}), "versions": len(everything),
               "logical_bytes": logical, "referenced_bytes": referenced, "stored_bytes": stored,
-              "chunks": count, "unreferenced_bytes": max(0, stored - referenced),
+              "chunks": count,
+              "unreferenced_bytes": None if stored is None else max(0, stored - referenced),
               "dedup_ratio": round(logical / referenced, 3) if referenced else None}
     return out, totals
 
 
+def require_writable(store: Store, what: str) -> None:
+    if not store.writable:
+        raise UsageError(f"{what} needs a writable store; {store.describe()} is read-only "
+                         "(run it against the directory or bucket behind it)")
+
+
 def remove(store: Store, model_id: str, version: str) -> list[str]:
     """Remove a version's manifest and the aliases pointing at it (returned).  Chunks stay for gc."""
+    require_writable(store, "rm")
     store.check()
     mf.check_name("model id", model_id)
     mf.check_name("version", version)
@@ -136,6 +146,7 @@ def remove(store: Store, model_id: str, version: str) -> list[str]:
     for alias in removed:
         store.delete_alias(model_id, alias)
     store.delete_manifest(model_id, version)
+    rebuild_index(store)
     return removed
 
 
@@ -162,6 +173,7 @@ def gc(store: Store, grace: float = 3600.0, dry_run: bool = False) -> GcResult:
     chunk listed here whose manifest is published later was uploaded or refreshed by its generate
     less than *grace* ago; and each candidate's age is checked again just before it is deleted.
     """
+    require_writable(store, "gc")
     store.check()
     listed = list(store.list_chunks())
     referenced: set[str] = set()
@@ -262,4 +274,72 @@ def parse_duration(text: str) -> float:
         raise UsageError(f"invalid duration {text!r} (examples: 1h, 30m, 90s)") from None
 
 
-__all__ = ["versions", "remove", "gc", "verify", "Damage", "GcResult", "MlfsError"]
+def rebuild_index(store: Store, attempts: int = 3) -> bool:
+    """Rewrite the store's index document from its listing (docs/adr/0016); False if the store
+    cannot be written (an HTTP store: its index is the origin's).
+
+    Manifests are read again only when new or changed (by their listed mtime).  After writing, the
+    listing is taken again: a version another process published meanwhile makes us rebuild, so two
+    writers racing end with an index that holds both (at most *attempts* rounds).
+    """
+    if not store.writable:
+        return False
+    from . import index as ix
+
+    old = None
+    raw = store.get_index_bytes()
+    if raw is not None:
+        try:
+            old = ix.loads(raw)
+        except ManifestError:
+            old = None
+    known = {(v["id"], v["version"]): v for v in (old.versions if old else [])}
+    for _ in range(attempts):
+        new = _index_from_listing(store, known)
+        store.put_index_bytes(new.dumps())
+        again = _index_from_listing(store, {(v["id"], v["version"]): v for v in new.versions})
+        if again.same_as(new):
+            return True
+        known = {(v["id"], v["version"]): v for v in again.versions}
+    log.warning("index of %s still changing after %d rebuilds; the next change rebuilds it again",
+                store.describe(), attempts)
+    return True
+
+
+def _index_from_listing(store: Store, known: dict) -> "Any":
+    from . import index as ix
+
+    out = ix.Index()
+    for mid, version, info in store.list_manifests():
+        entry = known.get((mid, version))
+        if entry is None or entry.get("mtime") != info.mtime:
+            try:
+                m = mf.loads(store.get_manifest_bytes(mid, version))
+            except (ManifestError, ObjectNotFound) as e:
+                log.warning("index: skipping %s@%s: %s", mid, version, e)
+                continue
+            entry = {"id": m.id, "version": m.version, "created": m.created, "digest": m.digest,
+                     "metadata": m.metadata, "logical_bytes": m.logical_size,
+                     "files": len(m.files), "mtime": info.mtime}
+        out.versions.append(entry)
+    for mid, name, _ in store.list_alias_names():
+        version = store.get_alias(mid, name)
+        if version:
+            out.aliases.append({"id": mid, "alias": name, "version": version})
+    return out
+
+
+def set_alias(store: Store, model_id: str, name: str, version: str) -> None:
+    """Point ``model_id/name`` at an existing version, and update the index."""
+    require_writable(store, "alias set")
+    store.check()
+    mf.check_name("model id", model_id)
+    mf.check_name("alias", name)
+    mf.check_name("version", version)
+    store.get_manifest_bytes(model_id, version)  # must exist
+    store.put_alias(model_id, name, version)
+    rebuild_index(store)
+
+
+__all__ = ["versions", "remove", "gc", "verify", "rebuild_index", "set_alias", "Damage",
+           "GcResult", "MlfsError"]

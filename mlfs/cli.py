@@ -251,6 +251,11 @@ def export(manifest, dest_dir, store_url, endpoint_url, model_id, version, force
               help="Catalog mounts (--store alone): seconds between looks for new versions/aliases.")
 @click.option("--allow-model-change", is_flag=True, help="Let a replaced --manifest file switch "
               "the mount to another model id (default: refused).")
+@click.option("--on-switch", "on_switch", metavar="CMD", help="Run CMD (with sh) after every "
+              "switch: MLFS_SWITCH_FROM, MLFS_SWITCH_TO, MLFS_SWITCH_CHANGES and MLFS_MOUNTPOINT "
+              "in its environment; its exit status is logged and counted.")
+@click.option("--metrics-file", type=click.Path(dir_okay=False), help="Keep Prometheus text of "
+              "the mount's stats in this file (node-exporter's textfile collector), every 5 s.")
 @click.option("--allow-other", is_flag=True, help="Let other users (containers) see the mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Daemon log [default: in the cache dir].")
@@ -258,7 +263,8 @@ def export(manifest, dest_dir, store_url, endpoint_url, model_id, version, force
 @click.option("--ready-fd", type=int, hidden=True)
 def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, cache_dir,
           cache_size, memory, prefetch, timeout, read_ahead, no_warm, digest, poll,
-          allow_model_change, allow_other, foreground, log_file, debug, ready_fd):
+          allow_model_change, on_switch, metrics_file, allow_other, foreground, log_file, debug,
+          ready_fd):
     """Mount a model version read-only at MOUNTPOINT.
 
     \b
@@ -318,7 +324,9 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
                             watch=watch, switch_warm=not no_warm, catalog_poll=poll, digest=digest,
                             memory_bytes=config.parse_size(memory), timeout=timeout,
                             read_ahead_kb=config.parse_size(read_ahead) // 1024,
-                            allow_model_change=allow_model_change, debug=debug)
+                            allow_model_change=allow_model_change, on_switch=on_switch,
+                            metrics_file=os.path.abspath(metrics_file) if metrics_file else None,
+                            debug=debug)
         serve(m, store, mountpoint, opts, ready=ready)
     except MlfsError as e:
         ready(e)
@@ -338,12 +346,15 @@ def umount(mountpoint, lazy):
 @main.command()
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def stats(mountpoint, as_json):
+@click.option("--prometheus", is_flag=True, help="Prometheus text exposition format.")
+def stats(mountpoint, as_json, prometheus):
     """Counters of a running mount: bytes served and fetched, cache hits, errors, version."""
-    from .client import read_stats
+    from .client import prometheus as to_prometheus, read_stats
 
     s = read_stats(mountpoint)
-    if as_json:
+    if prometheus:
+        click.echo(to_prometheus(s), nl=False)
+    elif as_json:
         click.echo(json.dumps(s, indent=1))
     else:
         for k, v in s.items():
@@ -435,6 +446,11 @@ def ls_cmd(store_url, endpoint_url, model_id, filters, as_json):
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
     t = totals
+    if t["stored_bytes"] is None:
+        click.echo(f"\n{t['models']} models, {t['versions']} versions: {human(t['logical_bytes'])} "
+                   f"logical, {human(t['referenced_bytes'])} referenced (dedup ratio "
+                   f"{t['dedup_ratio'] or '-'}x)")
+        return
     click.echo(f"\n{t['models']} models, {t['versions']} versions: {human(t['logical_bytes'])} logical, "
                f"{human(t['stored_bytes'])} stored in {t['chunks']} chunks "
                f"(dedup ratio {t['dedup_ratio'] or '-'}x; {human(t['unreferenced_bytes'])} unreferenced)")
@@ -495,6 +511,60 @@ def verify_cmd(store_url, endpoint_url, deep, as_json):
         sys.exit(1)
 
 
+@main.command("serve")
+@_store_arg
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
+              help="Address to listen on (0.0.0.0:PORT for every interface).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Chunk cache shared with this "
+              "host's mounts [default: $MLFS_CACHE_DIR or $XDG_CACHE_HOME/mlfs].")
+@click.option("--cache-size", default=config.DEFAULT_CACHE_SIZE, show_default=True,
+              help="Disk cache budget, e.g. 200G.")
+@click.option("--memory", default=config.DEFAULT_MEMORY, show_default=True,
+              help="In-memory chunk buffer budget.")
+@click.option("--ttl", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds manifests, aliases and the index may be cached (here and in front).")
+@click.option("--access-log", is_flag=True, help="Log every request.")
+def serve_cmd(store_url, endpoint_url, listen, cache_dir, cache_size, memory, ttl, access_log):
+    """Serve STORE read-only over HTTP through this host's verified cache (an edge for a site:
+    mount http://HOST:PORT, or put nginx/Varnish/a CDN in front)."""
+    import logging
+    from pathlib import Path
+
+    from .cache import ChunkCache
+    from .fetch import ChunkSource
+    from .serve import EdgeApp, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise click.BadParameter(f"{listen!r} is not HOST:PORT", param_hint="--listen")
+    store = _open(store_url, endpoint_url)
+    store.check()
+    cache = ChunkCache(Path(cache_dir) if cache_dir else config.default_cache_dir(),
+                       config.parse_size(cache_size))
+    source = ChunkSource(store, cache, memory_bytes=config.parse_size(memory))
+    app = EdgeApp(store, source, ttl=ttl)
+    run(app, listen, access_log=access_log,
+        ready=lambda bound: click.echo(f"serving {store.describe()} on {', '.join(bound)}", err=True))
+    source.flush()
+
+
+@main.command("index")
+@_store_arg
+def index_cmd(store_url, endpoint_url):
+    """Rebuild STORE's index.json (what HTTP readers list from); generate, rm and alias keep it
+    current, so this repairs a store written by an older mlfs or edited by hand."""
+    from .catalog import rebuild_index, require_writable
+
+    store = _open(store_url, endpoint_url)
+    require_writable(store, "index")
+    store.check()
+    rebuild_index(store)
+    click.echo(f"rebuilt {store.describe()}/index.json", err=True)
+
+
 @main.group()
 def alias():
     """Named pointers to versions (stable, canary...), stored in the store."""
@@ -507,13 +577,9 @@ def alias():
 @click.argument("version")
 def alias_set(store_url, endpoint_url, model_id, name, version):
     """Point ID/ALIAS at VERSION (which must exist)."""
-    from .manifest import check_name
+    from .catalog import set_alias
 
-    store = _open(store_url, endpoint_url)
-    store.check()
-    check_name("alias", name)
-    store.get_manifest_bytes(model_id, version)  # must exist
-    store.put_alias(model_id, name, version)
+    set_alias(_open(store_url, endpoint_url), model_id, name, version)
     click.echo(f"{model_id}/{name} -> {version}", err=True)
 
 

@@ -169,3 +169,49 @@ def is_dead(mountpoint: str) -> bool:
     except OSError as e:
         return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False
+
+
+#: Stats that are counters (only ever grow); every other number is a gauge.
+_COUNTERS = {"bytes_served", "bytes_fetched", "chunks_fetched", "memory_hits", "disk_hits",
+             "cache_misses", "fetch_errors", "corrupt_chunks", "corrupt_cache_files",
+             "uncached_chunks", "cache_write_errors", "retries", "prefetched_bytes",
+             "background_errors", "on_switch_runs", "on_switch_failures", "switches"}
+
+
+def prometheus(stats: dict) -> str:
+    """A mount's stats as Prometheus text (``mlfs stats --prometheus``, ``--metrics-file``): every
+    number, plus hit ratios and the last switch's latency, labelled with mount point and model."""
+    def esc(v: object) -> str:
+        return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+    labels = f'mountpoint="{esc(stats.get("mountpoint", ""))}",id="{esc(stats.get("id") or "")}",' \
+             f'version="{esc(stats.get("version") or "")}"'
+    out = []
+
+    def emit(name: str, value: float, kind: str) -> None:
+        out.append(f"# TYPE mlfs_{name} {kind}")
+        out.append(f"mlfs_{name}{{{labels}}} {value}")
+
+    for key, value in sorted(stats.items()):
+        if type(value) in (int, float):
+            emit(f"{key}_total" if key in _COUNTERS else key, value,
+                 "counter" if key in _COUNTERS else "gauge")
+    loads = sum(stats.get(k, 0) for k in ("memory_hits", "disk_hits", "cache_misses"))
+    if loads:
+        emit("memory_hit_ratio", round(stats.get("memory_hits", 0) / loads, 6), "gauge")
+        emit("disk_hit_ratio", round(stats.get("disk_hits", 0) / loads, 6), "gauge")
+        emit("miss_ratio", round(stats.get("cache_misses", 0) / loads, 6), "gauge")
+    last = stats.get("last_switch")
+    if isinstance(last, dict):
+        for key in ("total_seconds", "warm_seconds", "flip_seconds", "bytes_fetched"):
+            if type(last.get(key)) in (int, float):
+                emit(f"last_switch_{key}", last[key], "gauge")
+    return "\n".join(out) + "\n"
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Replace *path* with *data* in one rename (readers never see half a file)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

@@ -31,6 +31,9 @@ S3_READ_TIMEOUT = float(os.environ.get("MLFS_S3_READ_TIMEOUT", "10"))
 #: ``MLFS_S3_DIRECT=0`` sends every S3 GET through boto3 instead of the direct path (ADR 0010).
 S3_DIRECT = os.environ.get("MLFS_S3_DIRECT", "1") != "0"
 
+#: ``MLFS_HTTP_HEADER="Name: value"``: one header sent with every request to an HTTP store.
+HTTP_HEADER = os.environ.get("MLFS_HTTP_HEADER", "")
+
 #: gc deletes a chunk only if the HEAD that showed it old happened less than this long ago (s);
 #: generate waits longer than this after refreshing existing chunks before checking they are still
 #: there (docs/adr/0005-gc.md).

@@ -118,8 +118,9 @@ class ChunkSource:
         return chunk_id in self._flights
 
     # -- the one entry point ---------------------------------------------------------------------
-    async def get(self, chunk_id: str, size: int, *, background: bool = False) -> bytes:
-        """The verified bytes of a chunk.  Raises MlfsError (StoreError, CorruptChunk...)."""
+    async def get(self, chunk_id: str, size: int | None, *, background: bool = False) -> bytes:
+        """The verified bytes of a chunk (``size=None`` where no manifest tells it: the bytes are
+        still checked against the id).  Raises MlfsError (StoreError, CorruptChunk...)."""
         data = self.peek(chunk_id)
         if data is not None:
             self.counters.memory_hits += 1
@@ -151,30 +152,38 @@ class ChunkSource:
         assert flight.data is not None
         return flight.data
 
-    async def _load(self, chunk_id: str, size: int, background: bool) -> bytes:
+    async def _load(self, chunk_id: str, size: int | None, background: bool) -> bytes:
         async with self._disk_limiter:
-            data = await trio.to_thread.run_sync(self.cache.get, chunk_id, size)
+            data = await trio.to_thread.run_sync(self._cache_get, chunk_id, size)
         if data is not None:
             self.counters.disk_hits += 1
             return data
         self.counters.cache_misses += 1
         if self.store is None:
             raise StoreError(f"chunk {chunk_id[:16]} is not cached and no store is configured")
-        await self._budget.acquire(size)
+        budget = config.PIECE_SIZE if size is None else size
+        await self._budget.acquire(budget)
         try:
             if background:
                 async with self._background:
                     return await self._fetch(chunk_id, size)
             return await self._fetch(chunk_id, size)
         finally:
-            await self._budget.release(size)
+            await self._budget.release(budget)
 
     async def _fetch(self, chunk_id: str, size: int) -> bytes:
         async with self._fetch_limiter:
             return await trio.to_thread.run_sync(self._fetch_sync, chunk_id, size,
                                                  abandon_on_cancel=True)
 
-    def _fetch_sync(self, chunk_id: str, size: int) -> bytes:
+    def _cache_get(self, chunk_id: str, size: int | None):
+        if size is None:  # a caller without a manifest (mlfs serve): the file says the size
+            size = self.cache.size_of(chunk_id)
+            if size is None:
+                return None
+        return self.cache.get(chunk_id, size)
+
+    def _fetch_sync(self, chunk_id: str, size: int | None) -> bytes:
         """In a worker thread: GET (with retries), verify, admit to the disk cache."""
         c = self.counters
         try:
@@ -183,7 +192,7 @@ class ChunkSource:
             c.fetch_errors += 1
             raise
         c.chunks_fetched += 1
-        c.bytes_fetched += size
+        c.bytes_fetched += len(data)
         # Admission to the disk cache happens off the read path; the pending queue is bounded, so
         # a disk slower than the network slows fetching down instead of growing memory.
         self._write_slots.acquire()

@@ -380,6 +380,8 @@ def generate(model_dir: str | os.PathLike[str], store: Store, model_id: str, ver
     entries = scan_model_dir(root)
     if not entries:
         raise GenerateError(f"model directory {root} holds no files: nothing to publish")
+    if not store.writable:
+        raise UsageError(f"{store.describe()} is read-only: generate into a directory or S3 store")
     store.check()
 
     uploader = ChunkUploader(store)
@@ -405,6 +407,9 @@ def generate(model_dir: str | os.PathLike[str], store: Store, model_id: str, ver
         recheck_refreshed(store, uploader.refreshed, uploader.last_refresh, threads)
         store.sync()  # every chunk durable before a manifest names it
         manifest, outcome = publish(store, manifest, force=force)
+        from .catalog import rebuild_index
+
+        rebuild_index(store)
     else:
         mf.loads(manifest.dumps())
     return GenerateResult(manifest, len(files), manifest.logical_size,

@@ -59,6 +59,9 @@ class MountOptions:
     timeout: float = config.DEFAULT_READ_TIMEOUT
     read_ahead_kb: int = READ_AHEAD_KB
     allow_model_change: bool = False
+    on_switch: str | None = None  # shell command run after every switch
+    metrics_file: str | None = None  # Prometheus text kept current here
+    metrics_interval: float = 5.0
     debug: bool = False
 
 
@@ -203,6 +206,9 @@ def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts:
     supervisor = Supervisor()
     ops = Operations(tree, source, info, inodes=inodes, supervisor=supervisor)
     switcher = Switcher(ops, source, inodes)
+    if opts.on_switch:
+        hook = SwitchHook(opts.on_switch, mountpoint, info, supervisor)
+        switcher.on_switch = hook
 
     # Before the kernel mount: the prefetch set must be cached (a store that is down or a chunk
     # that is missing fails the mount here, with a clear error, not the first read later).
@@ -241,6 +247,9 @@ def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts:
                 ready(warning)
             if opts.prefetch_all and manifest is not None:
                 supervisor.start("prefetch all", lambda: _warm_all(source, manifest))
+            if opts.metrics_file:
+                supervisor.start("metrics file", lambda: _keep_metrics(
+                    ops, opts.metrics_file, opts.metrics_interval), restart=True)
 
     async def _fuse_loop(nursery: trio.Nursery) -> None:
         await pyfuse3.main()
@@ -259,6 +268,60 @@ def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts:
     finally:
         pyfuse3.close(unmount=True)
         source.flush()
+
+
+class SwitchHook:
+    """``--on-switch CMD``: run after every flip, in the background (the switch does not wait),
+    with the versions in its environment; exit status logged and counted in ``mlfs stats``."""
+
+    def __init__(self, command: str, mountpoint: str, info: dict, supervisor: Supervisor,
+                 timeout: float = 300.0) -> None:
+        self.command = command
+        self.mountpoint = mountpoint
+        self.info = info
+        self.supervisor = supervisor
+        self.timeout = timeout
+        info.update(on_switch_runs=0, on_switch_failures=0, last_on_switch=None)
+
+    def __call__(self, result: dict) -> None:
+        self.supervisor.start("--on-switch", lambda: self._run(result))
+
+    async def _run(self, result: dict) -> None:
+        import json
+
+        env = {**os.environ, "MLFS_SWITCH_FROM": result["from"], "MLFS_SWITCH_TO": result["to"],
+               "MLFS_SWITCH_CHANGES": result.get("changes", ""),
+               "MLFS_MOUNTPOINT": self.mountpoint, "MLFS_SWITCH_JSON": json.dumps(result)}
+        t = time.monotonic()
+        status: int | str
+        with trio.move_on_after(self.timeout) as scope:
+            proc = await trio.run_process(["/bin/sh", "-c", self.command], env=env, check=False,
+                                          stdin=subprocess.DEVNULL, capture_stdout=True,
+                                          capture_stderr=True)
+            status = proc.returncode
+        if scope.cancelled_caught:
+            status = f"killed after {self.timeout:.0f}s"
+        self.info["on_switch_runs"] += 1
+        if status != 0:
+            self.info["on_switch_failures"] += 1
+            tail = (proc.stderr or b"").decode(errors="replace").strip().splitlines()[-3:] \
+                if not scope.cancelled_caught else []
+            log.error("--on-switch after %s -> %s: exit %s%s", result["from"], result["to"], status,
+                      f" ({' | '.join(tail)})" if tail else "")
+        else:
+            log.info("--on-switch after %s -> %s: exit 0 in %.2fs", result["from"], result["to"],
+                     time.monotonic() - t)
+        self.info["last_on_switch"] = {"from": result["from"], "to": result["to"],
+                                       "status": status, "seconds": round(time.monotonic() - t, 3)}
+
+
+async def _keep_metrics(ops: Operations, path: str, interval: float) -> None:
+    from .client import prometheus, write_atomic
+
+    while True:
+        text = prometheus(ops.stats()).encode()
+        await trio.to_thread.run_sync(write_atomic, path, text)
+        await trio.sleep(interval)
 
 
 async def _warm_all(source: ChunkSource, manifest: Manifest) -> None:

@@ -51,6 +51,8 @@ class Switcher:
         self.source = source
         self.inodes = inodes
         self.invalidate = invalidate
+        #: Called with the switch's figures after every flip (``--on-switch``); must not block.
+        self.on_switch: Callable[[dict], None] | None = None
         self._lock = trio.Lock()  # one switch at a time
 
     async def _warm(self, files: list[mf.FileEntry]) -> None:
@@ -68,7 +70,8 @@ class Switcher:
             if ino not in self.ops.tree.nodes and ino not in self.ops.retired:
                 self.inodes.release(ino)
 
-    async def switch(self, new: Tree, *, warm: bool = True, label: str = "") -> dict:
+    async def switch(self, new: Tree, *, warm: bool = True, label: str = "",
+                     changes: str = "") -> dict:
         """Warm (optionally), flip to *new*, invalidate what changed; return the switch's figures."""
         async with self._lock:
             old = self.ops.tree
@@ -95,11 +98,15 @@ class Switcher:
                       "bytes_fetched": self.source.counters.bytes_fetched - fetched0,
                       "warm_seconds": round(t1 - t0, 4), "flip_seconds": round(t2 - t1, 4),
                       "total_seconds": round(t2 - t0, 4), "invalidated_entries": len(stale),
+                      "changes": changes or f"{_label(old)} -> {label or _label(new)}",
                       "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             self.ops.info["previous"] = result["from"]
             self.ops.info["last_switch"] = result
             log.info("switched %s -> %s: fetched %d bytes, warm %.3fs, flip %.3fs", result["from"],
                      result["to"], result["bytes_fetched"], t1 - t0, t2 - t1)
+            self.ops.info["switches"] = self.ops.info.get("switches", 0) + 1
+            if self.on_switch is not None:
+                self.on_switch(result)
             return result
 
     async def switch_manifest(self, m: mf.Manifest, *, warm: bool = True,
@@ -203,7 +210,8 @@ class Switcher:
                 continue
             if changed:
                 await self.switch(Tree(files, self.inodes, self.ops.tree.mtime_ns), warm=False,
-                                  label=f"catalog ({catalog.summary()})")
+                                  label=f"catalog ({catalog.summary()})",
+                                  changes=catalog.last_changes)
 
 
 class CatalogView:
@@ -216,6 +224,7 @@ class CatalogView:
         self._manifests: dict[tuple[str, str], tuple[float, mf.Manifest]] = {}
         self._aliases: dict[tuple[str, str], str] = {}
         self._state: tuple = ()
+        self.last_changes = ""  # what the last refresh changed: "minilm/stable v1->v2, +minilm@v3"
 
     def refresh(self) -> tuple[list[mf.FileEntry], bool]:
         from .catalog import list_aliases
@@ -235,11 +244,18 @@ class CatalogView:
                     continue
                 cached = (info.mtime, m)
             seen[key] = cached
+        before_versions = set(self._manifests)
         self._manifests = seen
         aliases = {}
         for (mid, version), names in list_aliases(self.store).items():
             for name in names:
                 aliases[(mid, name)] = version
+        changes = [f"{m}/{a} {self._aliases.get((m, a), '-')}->{v}"
+                   for (m, a), v in sorted(aliases.items()) if self._aliases.get((m, a)) != v]
+        changes += [f"{m}/{a} removed" for (m, a) in sorted(self._aliases) if (m, a) not in aliases]
+        changes += [f"+{m}@{v}" for (m, v) in sorted(set(seen) - before_versions)]
+        changes += [f"-{m}@{v}" for (m, v) in sorted(before_versions - set(seen))]
+        self.last_changes = ", ".join(changes)
         self._aliases = aliases
         state = (tuple(sorted((k, v[1].digest) for k, v in seen.items())), tuple(sorted(aliases.items())))
         changed = state != self._state

@@ -2,8 +2,7 @@
 
 - a plain path or ``file:///abs/path`` → :class:`LocalStore` (the embedded default)
 - ``s3://bucket/prefix`` → :class:`S3Store`
-
-New schemes (a read-only HTTP store for CDN caches, say) register in ``_SCHEMES``.
+- ``http(s)://host/prefix`` → :class:`HttpStore` (read-only: a static site, a CDN, ``mlfs serve``)
 """
 
 from __future__ import annotations
@@ -31,7 +30,13 @@ def _open_file(url: str, endpoint_url: str | None, create: bool) -> Store:
     return LocalStore(p.path, create=create)
 
 
-_SCHEMES = {"s3": _open_s3, "file": _open_file}
+def _open_http(url: str, endpoint_url: str | None, create: bool) -> Store:
+    from .http import HttpStore
+
+    return HttpStore(url)
+
+
+_SCHEMES = {"s3": _open_s3, "file": _open_file, "http": _open_http, "https": _open_http}
 
 
 def open_store(url: str, *, endpoint_url: str | None = None, create: bool = False) -> Store:
@@ -44,7 +49,7 @@ def open_store(url: str, *, endpoint_url: str | None = None, create: bool = Fals
     try:
         opener = _SCHEMES[scheme]
     except KeyError:
-        raise UsageError(f"unsupported store URL {url!r} (use a path, file:// or s3://)") from None
+        raise UsageError(f"unsupported store URL {url!r} (use a path, file://, s3:// or http(s)://)") from None
     return opener(url, endpoint_url, create)
 
 

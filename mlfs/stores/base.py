@@ -5,6 +5,8 @@ Layout inside every store::
     chunks/<first 2 hex>/<blake3 hex>     immutable, content-addressed
     manifests/<id>/<version>.json         written last, after every chunk it names
     aliases/<id>/<alias>                  a version name
+    index.json                            every version and alias with its metadata (derived:
+                                          rebuilt by generate/rm/alias; what HTTP stores list from)
 
 Only this package knows that layout: the rest of mlfs calls the public methods below.
 
@@ -51,10 +53,17 @@ def manifest_key(model_id: str, version: str) -> str:
     return f"manifests/{model_id}/{version}.json"
 
 
+INDEX_KEY = "index.json"
+#: Largest index document a reader accepts (it is untrusted input over HTTP).
+MAX_INDEX = 64 << 20
+
+
 class Store(ABC):
     """Base class of all stores.  Methods may be called from many threads at once."""
 
     url: str
+    #: False for stores that can only be read (HTTP): generate, rm, alias and gc refuse them.
+    writable: bool = True
     #: Counted by the retry loop and the verified GET; read by ``mlfs stats``.
     retries: int = 0
     corrupt_reads: int = 0
@@ -152,16 +161,18 @@ class Store(ABC):
         """The chunk's bytes, unverified: callers check them against the id."""
         return self.retry(lambda: self._get(chunk_key(chunk_id)), f"chunk {chunk_id[:16]}", deadline)
 
-    def get_chunk_verified(self, chunk_id: str, size: int, deadline: float | None = None,
+    def get_chunk_verified(self, chunk_id: str, size: int | None, deadline: float | None = None,
                            attempts: int = 3) -> bytes:
-        """The chunk's bytes, checked against its id and size: never returns wrong bytes.
+        """The chunk's bytes, checked against its id (and *size*, when the caller knows it from a
+        manifest): never returns wrong bytes.
 
         A body that fails the check (damaged in transit) is fetched again, up to *attempts* times;
         then the object itself is taken to be corrupt (CorruptChunk).
         """
         for _ in range(attempts):
             data = self.get_chunk(chunk_id, deadline)
-            if len(data) == size and blake3.blake3(data).hexdigest() == chunk_id:
+            if (size is None or len(data) == size) and len(data) <= config.MAX_CHUNK_SIZE \
+                    and blake3.blake3(data).hexdigest() == chunk_id:
                 return data
             self.corrupt_reads += 1
         raise CorruptChunk(f"chunk {chunk_id[:16]} in {self.describe()} is corrupt "
@@ -229,6 +240,17 @@ class Store(ABC):
 
     def delete_manifest(self, model_id: str, version: str) -> None:
         self.retry(lambda: self._delete(manifest_key(model_id, version)), "delete manifest")
+
+    # -- the index document ----------------------------------------------------------------------
+    def get_index_bytes(self) -> bytes | None:
+        """The index document's bytes, or None if the store has none."""
+        try:
+            return self.retry(lambda: self._get(INDEX_KEY), "index")
+        except ObjectNotFound:
+            return None
+
+    def put_index_bytes(self, data: bytes) -> None:
+        self.retry(lambda: self._put(INDEX_KEY, data), "write index")
 
     # -- aliases --------------------------------------------------------------------------------
     def get_alias(self, model_id: str, alias: str) -> str | None:
