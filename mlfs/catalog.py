@@ -47,7 +47,7 @@ def load_all(store: Store, model_id: str | None = None, threads: int = 16) -> li
     def load(key: tuple[str, str]) -> mf.Manifest:
         i, v = key
         try:
-            return mf.loads(store.get_manifest_bytes(i, v))
+            return store.load_manifest(i, v)
         except ManifestError as e:
             raise ManifestError(f"manifest {i}@{v} in {store.describe()} is invalid: {e}") from None
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -314,7 +314,7 @@ def _index_from_listing(store: Store, known: dict) -> "Any":
         entry = known.get((mid, version))
         if entry is None or entry.get("mtime") != info.mtime:
             try:
-                m = mf.loads(store.get_manifest_bytes(mid, version))
+                m = store.load_manifest(mid, version)
             except (ManifestError, ObjectNotFound) as e:
                 log.warning("index: skipping %s@%s: %s", mid, version, e)
                 continue

@@ -46,11 +46,4 @@ def resolve(source: str | None, store_url: str | None = None, *, model_id: str |
         raise UsageError(f"{model_id}@{version} needs --store (or MLFS_STORE)")
     store = open_store(store_url, endpoint_url=endpoint_url)
     store.check()
-    data = store.get_manifest_bytes(model_id, version)
-    try:
-        m = mf.loads(data)
-    except ManifestError as e:
-        raise ManifestError(f"{model_id}@{version} in {store.describe()}: {e}") from None
-    if (m.id, m.version) != (model_id, version):
-        raise ManifestError(f"{model_id}@{version} in {store.describe()} describes {m.ref}")
-    return m, store
+    return store.load_manifest(model_id, version), store

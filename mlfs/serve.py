@@ -94,7 +94,7 @@ class EdgeApp:
             log.exception("internal error serving %s", path[:200].decode(errors="replace"))
             reply = Reply(500, b"internal error\n")
         self.requests[(route, reply.status)] += 1
-        body = reply.body if method == "GET" else b""
+        body = b"" if method == "HEAD" else reply.body
         await send({"type": "http.response.start", "status": reply.status,
                     "headers": [(b"content-length", str(len(reply.body)).encode()),
                                 *reply.headers]})
@@ -184,16 +184,12 @@ class EdgeApp:
         return self._short(raw, b"application/json")
 
     def _manifest(self, mid: str, version: str) -> Reply:
-        raw = self.store.get_manifest_bytes(mid, version)
         try:
-            m = mf.loads(raw)
+            m = self.store.load_manifest(mid, version)  # validated, digest checked, re-fetched
         except ManifestError as e:
             log.error("not serving %s@%s: %s", mid, version, e)
             return Reply(502, b"origin manifest is invalid\n")
-        if (m.id, m.version) != (mid, version):
-            log.error("not serving %s@%s: it describes %s", mid, version, m.ref)
-            return Reply(502, b"origin manifest is invalid\n")
-        return self._short(raw, b"application/json", f'"{m.digest}"'.encode())
+        return self._short(m.dumps(), b"application/json", f'"{m.digest}"'.encode())
 
     def _alias(self, mid: str, name: str) -> Reply:
         version = self.store.get_alias(mid, name)

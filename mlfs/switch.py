@@ -235,12 +235,9 @@ class CatalogView:
             cached = self._manifests.get(key)
             if cached is None or cached[0] != info.mtime:
                 try:
-                    m = mf.loads(self.store.get_manifest_bytes(mid, version))
+                    m = self.store.load_manifest(mid, version)
                 except (ManifestError, StoreError) as e:
                     log.warning("skipping %s@%s: %s", mid, version, e)
-                    continue
-                if (m.id, m.version) != key:
-                    log.warning("skipping %s@%s: it describes %s", mid, version, m.ref)
                     continue
                 cached = (info.mtime, m)
             seen[key] = cached

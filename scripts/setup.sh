@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config; do
+# nginx: the tests put a real HTTP server and cache in front of HTTP stores and `mlfs serve`.
+for pkg in fuse3 libfuse3-dev pkg-config nginx-light; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 command -v gcc >/dev/null 2>&1 || need+=(gcc)

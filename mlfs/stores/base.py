@@ -207,6 +207,26 @@ class Store(ABC):
             raise ObjectNotFound(
                 f"no manifest {model_id}@{version} in store {self.describe()}") from None
 
+    def load_manifest(self, model_id: str, version: str, attempts: int = 3):
+        """The manifest ``model_id@version``, validated, checked against its digest and against
+        the name it was asked for.  A body that fails (damaged in transit: a flipped byte breaks
+        the JSON or the digest) is fetched again, up to *attempts* times, like a chunk."""
+        from .. import manifest as mf
+        from ..errors import ManifestError
+
+        for attempt in range(attempts):
+            data = self.get_manifest_bytes(model_id, version)
+            try:
+                m = mf.loads(data)
+            except ManifestError as e:
+                error = e
+                self.corrupt_reads += 1
+                continue
+            if (m.id, m.version) != (model_id, version):
+                raise ManifestError(f"{model_id}@{version} in {self.describe()} describes {m.ref}")
+            return m
+        raise ManifestError(f"{model_id}@{version} in {self.describe()}: {error}")
+
     def find_manifest_bytes(self, model_id: str, version: str) -> bytes | None:
         """The manifest's bytes, or None if the version is not published."""
         try:
