@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MLFS_EXTRAS="test,torch,bench" bash scripts/setup.sh
 need=()
-for pkg in rclone s3fs nodejs npm; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
+for pkg in rclone s3fs nodejs npm iproute2 curl; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
 command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && need=("${need[@]/nodejs}") && need=("${need[@]/npm}")
 need=($(printf '%s\n' "${need[@]}" | grep -v '^$' || true))
 [ ${#need[@]} -eq 0 ] || apt-get install -y "${need[@]}" >/dev/null
@@ -22,3 +22,4 @@ echo "== mount vs peers (benchmarks/mount_bench.py)"; $PY benchmarks/mount_bench
 echo "== read-path A/B (benchmarks/read_path_ab.py)"; $PY benchmarks/read_path_ab.py
 echo "== GET size vs S3 server CPU (benchmarks/request_size.py)"; $PY benchmarks/request_size.py
 echo "== CPU budget behind the unmet targets (benchmarks/bounds.py)"; $PY benchmarks/bounds.py
+echo "== fleet rollout over a shaped WAN (benchmarks/fleet_bench.py)"; $PY benchmarks/fleet_bench.py
