@@ -38,6 +38,17 @@ class Group(click.Group):
             _fail(f"unexpected {type(e).__name__}: {e} (MLFS_DEBUG=1 shows the traceback)", 1)
 
 
+def _setup_logging(debug: bool, filename: str | None) -> None:
+    """Logging of the long-running commands (mount, serve)."""
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, filename=filename,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # botocore's debug log prints request headers (the access key id, signatures): never log it.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def _fail(msg: str, code: int) -> None:
     click.echo(f"mlfs: error: {msg.splitlines()[0] if msg else 'failed'}", err=True)
     sys.exit(code)
@@ -272,7 +283,6 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
       mlfs mount --store s3://models --id minilm --version v1 /mnt/model
       mlfs mount --store s3://models /mnt/models           (catalog: <id>/<version|alias>/...)
     """
-    import logging
     from pathlib import Path
 
     from .mount import MountOptions, check_mountpoint, serve, spawn
@@ -294,11 +304,7 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
         click.echo(f"mounted at {mountpoint} (pid {pid}, log {logf})", err=True)
         return
 
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, filename=log_file,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # botocore's debug log prints request headers (the access key id, signatures): never log it.
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _setup_logging(debug, log_file)
 
     def ready(outcome):
         """None: ready; a string: ready with a warning; an exception: failed before ready."""
@@ -527,16 +533,13 @@ def verify_cmd(store_url, endpoint_url, deep, as_json):
 def serve_cmd(store_url, endpoint_url, listen, cache_dir, cache_size, memory, ttl, access_log):
     """Serve STORE read-only over HTTP through this host's verified cache (an edge for a site:
     mount http://HOST:PORT, or put nginx/Varnish/a CDN in front)."""
-    import logging
     from pathlib import Path
 
     from .cache import ChunkCache
     from .fetch import ChunkSource
     from .serve import EdgeApp, run
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _setup_logging(False, None)
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise click.BadParameter(f"{listen!r} is not HOST:PORT", param_hint="--listen")

@@ -250,3 +250,17 @@ def generate_into(store, model_dir: Path, model_id: str, version: str, tmp_path:
     path = tmp_path / f"{model_id}-{version}.json"
     path.write_bytes(res.manifest.dumps())
     return path
+
+
+def with_note(base, store, i: int, name: str = "v"):
+    """*base* (a Manifest) plus ``note.txt`` saying "version <i>", its chunk put in *store*: a new
+    version whose one changed file is tiny (switch tests)."""
+    import blake3
+
+    from mlfs import manifest as mf
+
+    body = f"version {i}\n".encode()
+    cid = blake3.blake3(body).hexdigest()
+    store.put_chunk(cid, body)
+    note = mf.FileEntry("note.txt", len(body), 0o644, cid, [cid], [len(body)])
+    return mf.Manifest(base.id, f"{name}{i}", [*base.files, note], store=store.url)

@@ -11,11 +11,11 @@ import os
 import threading
 import time
 
-import blake3
 import pyfuse3
 import pytest
 import trio
 
+from conftest import with_note
 from mlfs import manifest as mf
 from mlfs.cache import ChunkCache
 from mlfs.errors import MlfsError, ObjectNotFound, StoreError
@@ -204,12 +204,7 @@ def test_unmapped_backend_errors_become_store_errors(model):
 
 
 def version(base: mf.Manifest, store, i: int) -> mf.Manifest:
-    """*base* plus ``note.txt`` whose content names version *i* (its chunk put in *store*)."""
-    body = f"version {i}\n".encode()
-    cid = blake3.blake3(body).hexdigest()
-    store.put_chunk(cid, body)
-    note = mf.FileEntry("note.txt", len(body), 0o644, cid, [cid], [len(body)])
-    return mf.Manifest(base.id, f"v{i}", [*base.files, note], store=store.url)
+    return with_note(base, store, i, "v")
 
 
 def test_flip_keeps_old_handles_and_releases_forgotten_inodes(model, tmp_path):

@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -345,3 +343,22 @@ def test_a_failing_on_switch_command_is_counted(store, family, mounter, tmp_path
     run_mlfs("switch", mnt.mountpoint, b)
     wait_for(lambda: mnt.stats().get("on_switch_failures") == 1, what="the failed hook")
     assert mnt.stats()["last_on_switch"]["status"] == 3 and mnt.stats()["version"] == "v2"
+
+
+def test_proxies_and_token_header_come_from_the_environment(monkeypatch):
+    from mlfs import config
+    from mlfs.errors import UsageError
+    from mlfs.stores.http import HttpStore, _proxy_for
+
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "edge.local")
+    assert _proxy_for("http", "models.example") == "http://proxy.example:3128"
+    assert _proxy_for("http", "edge.local") is None
+    monkeypatch.setattr(config, "HTTP_HEADER", "Authorization: Bearer abc")
+    s = HttpStore("http://models.example/prefix")
+    assert s.headers["Authorization"] == "Bearer abc" and s.pool.proxy is not None
+    monkeypatch.setattr(config, "HTTP_HEADER", "no colon here")
+    with pytest.raises(UsageError):
+        HttpStore("http://models.example/prefix")
+    with pytest.raises(UsageError):
+        HttpStore("http://models.example/prefix?x=1")

@@ -10,16 +10,15 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import blake3
 import pytest
 
-from conftest import MLFS, as_nobody, generate_into, make_bucket, run_mlfs, same_tree, sha, wait_for
+from conftest import (MLFS, as_nobody, generate_into, make_bucket, run_mlfs, sha, wait_for,
+                      with_note)
 from mlfs import catalog
 from mlfs import manifest as mf
 from mlfs.client import request_switch
@@ -41,14 +40,6 @@ def small_model(d: Path, seed: int = 0, mib: int = 6) -> Path:
               str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps({"seed": seed}))
     return d
-
-
-def with_note(base: mf.Manifest, store, i: int) -> mf.Manifest:
-    body = f"version {i}\n".encode()
-    cid = blake3.blake3(body).hexdigest()
-    store.put_chunk(cid, body)
-    note = mf.FileEntry("note.txt", len(body), 0o644, cid, [cid], [len(body)])
-    return mf.Manifest(base.id, f"n{i}", [*base.files, note], store=store.url)
 
 
 def alive(mnt) -> None:
@@ -172,12 +163,12 @@ def test_two_hundred_switches_keep_the_mount_bounded(store, tmp_path, mounter):
     kernel forgets the old inodes after invalidation, and the mount forgets them in turn."""
     base = generate(small_model(tmp_path / "m"), store, "m", "base").manifest
     first = tmp_path / "n0.json"
-    first.write_bytes(with_note(base, store, 0).dumps())
+    first.write_bytes(with_note(base, store, 0, "n").dumps())
     mnt = mounter("--manifest", first, "--cache-dir", tmp_path / "c")
     ctl = mnt.stats()["control"]
     path = tmp_path / "next.json"
     for i in range(1, 201):
-        path.write_bytes(with_note(base, store, i).dumps())
+        path.write_bytes(with_note(base, store, i, "n").dumps())
         request_switch(ctl, str(path))
         assert (mnt.mountpoint / "note.txt").read_bytes() == f"version {i}\n".encode()
     s = mnt.stats()

@@ -42,42 +42,49 @@ class LocalStore(Store):
 
     def _put(self, key: str, data: bytes | memoryview) -> None:
         path = self._path(key)
-        # A unique temp name per writer: concurrent writers of the same chunk never share a file,
-        # and a crash leaves only a stray temp file, never a partial object under the real name.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = self._write_temp(path, data)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            if isinstance(e, PermissionError):
-                raise StorePermissionError(f"cannot write {path}: {e.strerror}") from None
-            raise StoreError(f"cannot write {path}: {e.strerror}") from None
+            raise self._error(path, e) from None
 
     def _create(self, key: str, data: bytes) -> bool:
         """link(2) of a complete temp file: atomic, and fails if the name exists (EEXIST), so of
         two concurrent creators exactly one wins, whatever their timing."""
         path = self._path(key)
+        tmp = self._write_temp(path, data, durable=True)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise self._error(path, e) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _write_temp(self, path: Path, data: bytes | memoryview, durable: bool = False) -> Path:
+        """*data* in a temp file beside *path*, unique per writer: concurrent writers never share
+        a file, and a crash leaves only a stray temp file, never a partial object under a name."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            return True
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
         except OSError as e:
-            if isinstance(e, PermissionError):
-                raise StorePermissionError(f"cannot write {path}: {e.strerror}") from None
-            raise StoreError(f"cannot write {path}: {e.strerror}") from None
-        finally:
             tmp.unlink(missing_ok=True)
+            raise self._error(path, e) from None
+        return tmp
+
+    @staticmethod
+    def _error(path: Path, e: OSError) -> StoreError:
+        if isinstance(e, PermissionError):
+            return StorePermissionError(f"cannot write {path}: {e.strerror}")
+        return StoreError(f"cannot write {path}: {e.strerror}")
 
     def _head(self, key: str) -> ObjectInfo | None:
         try:
