@@ -55,3 +55,47 @@ def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+class ShapedLink:
+    """A network namespace reached over a veth pair shaped with ``tc tbf`` in both directions
+    (netem is absent here; tbf's queue adds the latency of a full buffer).  Root only."""
+
+    def __init__(self, name: str, mbit: int, *, burst: str = "1mb", latency: str = "50ms",
+                 subnet: str = "10.77.0") -> None:
+        self.ns, self.vo, self.vh = name, f"{name[:8]}-o", f"{name[:8]}-h"
+        self.origin_ip, self.host_ip = f"{subnet}.1", f"{subnet}.2"
+        self.mbit, self.burst, self.latency = mbit, burst, latency
+
+    def sh(self, *cmd: str, ns: bool = False, check: bool = True) -> subprocess.CompletedProcess:
+        full = ["ip", "netns", "exec", self.ns, *cmd] if ns else list(cmd)
+        return subprocess.run(full, check=check, capture_output=True, text=True)
+
+    def up(self) -> "ShapedLink":
+        self.down()
+        self.sh("ip", "netns", "add", self.ns)
+        self.sh("ip", "link", "add", self.vh, "type", "veth", "peer", "name", self.vo)
+        self.sh("ip", "link", "set", self.vo, "netns", self.ns)
+        self.sh("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.vh)
+        self.sh("ip", "link", "set", self.vh, "up")
+        self.sh("ip", "addr", "add", f"{self.origin_ip}/24", "dev", self.vo, ns=True)
+        self.sh("ip", "link", "set", self.vo, "up", ns=True)
+        self.sh("ip", "link", "set", "lo", "up", ns=True)
+        self.shape(self.mbit)
+        return self
+
+    def shape(self, mbit: int) -> None:
+        """(Re)set the rate of both directions."""
+        self.mbit = mbit
+        for dev, ns in ((self.vo, True), (self.vh, False)):
+            self.sh("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)
+            self.sh("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",
+                    "burst", self.burst, "latency", self.latency, ns=ns)
+
+    def down(self) -> None:
+        self.sh("ip", "netns", "del", self.ns, check=False)
+        self.sh("ip", "link", "del", self.vh, check=False)
+
+    def sent_bytes(self) -> int:
+        """Bytes the namespace's side has sent across the link so far."""
+        return int(self.sh("cat", f"/sys/class/net/{self.vo}/statistics/tx_bytes", ns=True).stdout)

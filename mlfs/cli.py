@@ -285,37 +285,25 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
     """
     from pathlib import Path
 
-    from .mount import MountOptions, check_mountpoint, serve, spawn
+    from .mount import MountOptions, check_mountpoint, daemonize, serve
     from .resolve import resolve
 
     cache = Path(cache_dir) if cache_dir else config.default_cache_dir()
     catalog = not (manifest_src or model_id or version)
     if catalog and not store_url:
         raise click.UsageError("give --manifest, --store with --id/--version, or --store alone")
+    opts = MountOptions(cache_dir=cache, cache_size=config.parse_size(cache_size),
+                        allow_other=allow_other, prefetch_all=prefetch == "all",
+                        switch_warm=not no_warm, catalog_poll=poll, digest=digest,
+                        memory_bytes=config.parse_size(memory), timeout=timeout,
+                        read_ahead_kb=config.parse_size(read_ahead) // 1024,
+                        allow_model_change=allow_model_change, on_switch=on_switch,
+                        metrics_file=os.path.abspath(metrics_file) if metrics_file else None,
+                        debug=debug)
+    if manifest_src and os.path.isfile(manifest_src):
+        opts.watch = os.path.abspath(manifest_src)
     if not foreground:
-        check_mountpoint(mountpoint)
-        if not catalog:  # fail fast, with the message in this terminal
-            resolve(manifest_src, store_url, model_id=model_id, version=version,
-                    endpoint_url=endpoint_url)
-        logf = Path(log_file) if log_file else cache / "logs" / f"mount-{os.getpid()}.log"
-        pid, warning = spawn(sys.argv[1:], mountpoint, logf)
-        if warning:
-            click.echo(f"mlfs: warning: {warning}", err=True)
-        click.echo(f"mounted at {mountpoint} (pid {pid}, log {logf})", err=True)
-        return
-
-    _setup_logging(debug, log_file)
-
-    def ready(outcome):
-        """None: ready; a string: ready with a warning; an exception: failed before ready."""
-        if isinstance(outcome, str):
-            click.echo(f"mlfs: warning: {outcome}", err=True)
-        if ready_fd is not None:
-            msg = ("ready" if outcome is None else f"ready: {outcome}" if isinstance(outcome, str)
-                   else f"error: {outcome}")
-            os.write(ready_fd, msg.encode())
-            os.close(ready_fd)
-
+        check_mountpoint(mountpoint)  # fail fast, with the message in this terminal
     try:
         if catalog:
             from .stores import open_store
@@ -324,19 +312,53 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
         else:
             m, store = resolve(manifest_src, store_url, model_id=model_id, version=version,
                                endpoint_url=endpoint_url)
-        watch = os.path.abspath(manifest_src) if manifest_src and os.path.isfile(manifest_src) else None
-        opts = MountOptions(cache_dir=cache, cache_size=config.parse_size(cache_size),
-                            allow_other=allow_other, prefetch_all=prefetch == "all",
-                            watch=watch, switch_warm=not no_warm, catalog_poll=poll, digest=digest,
-                            memory_bytes=config.parse_size(memory), timeout=timeout,
-                            read_ahead_kb=config.parse_size(read_ahead) // 1024,
-                            allow_model_change=allow_model_change, on_switch=on_switch,
-                            metrics_file=os.path.abspath(metrics_file) if metrics_file else None,
-                            debug=debug)
-        serve(m, store, mountpoint, opts, ready=ready)
     except MlfsError as e:
-        ready(e)
+        if foreground:
+            _ready_writer(ready_fd)(e)
         raise
+    if foreground:
+        _setup_logging(debug, log_file)
+        ready = _ready_writer(ready_fd, echo=True)
+        try:
+            serve(m, store, mountpoint, opts, ready=ready)
+        except MlfsError as e:
+            ready(e)
+            raise
+        return
+
+    # The daemon is this process, forked once the manifest is in hand: no second interpreter to
+    # start, import and resolve again (docs/adr/0017).
+    logf = Path(log_file) if log_file else cache / "logs" / f"mount-{os.getpid()}.log"
+
+    def child(fd: int) -> None:
+        _setup_logging(debug, str(logf))
+        serve(m, store, mountpoint, opts, ready=_ready_writer(fd))
+
+    pid, warning = daemonize(child, logf)
+    if warning:
+        click.echo(f"mlfs: warning: {warning}", err=True)
+    click.echo(f"mounted at {mountpoint} (pid {pid}, log {logf})", err=True)
+
+
+def _ready_writer(fd: int | None, echo: bool = False):
+    """The ``ready`` callback of :func:`mlfs.mount.serve` writing to the parent's pipe: ``None``
+    is ready, a string ready with a warning, an exception a failure before readiness.  Once."""
+    done = []
+
+    def ready(outcome) -> None:
+        if echo and isinstance(outcome, str):
+            click.echo(f"mlfs: warning: {outcome}", err=True)
+        if fd is None or done:
+            return
+        done.append(True)
+        msg = ("ready" if outcome is None else f"ready: {outcome}" if isinstance(outcome, str)
+               else f"error: {outcome}")
+        try:
+            os.write(fd, msg.encode())
+            os.close(fd)
+        except OSError:
+            pass  # the parent is gone: nobody to tell
+    return ready
 
 
 @main.command()

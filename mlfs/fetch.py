@@ -43,6 +43,7 @@ class Counters:
     fetch_errors: int = 0
     uncached_chunks: int = 0  # fetched but not admitted to the disk cache (full, unwritable)
     prefetched_bytes: int = 0
+    streamed_bytes: int = 0  # brought in by recognised loads (mlfs.prefetch)
 
 
 class ByteBudget:
@@ -80,7 +81,7 @@ class ChunkSource:
     def __init__(self, store: Store | None, cache: ChunkCache, *,
                  memory_bytes: int = config.parse_size(config.DEFAULT_MEMORY),
                  inflight_bytes: int | None = None, fetch_limit: int = 16,
-                 background_limit: int = 4, timeout: float = config.DEFAULT_READ_TIMEOUT) -> None:
+                 background_limit: int = 12, timeout: float = config.DEFAULT_READ_TIMEOUT) -> None:
         if inflight_bytes is None:
             inflight_bytes = config.parse_size(config.DEFAULT_MEMORY)
         self.store = store
@@ -242,6 +243,6 @@ class ChunkSource:
             "corrupt_cache_files": self.cache.corrupt, "uncached_chunks": c.uncached_chunks,
             "cache_write_errors": self.cache.write_errors,
             "retries": self.store.retries if self.store else 0,
-            "prefetched_bytes": c.prefetched_bytes,
+            "prefetched_bytes": c.prefetched_bytes, "streamed_bytes": c.streamed_bytes,
             "memory_bytes": self._lru_size, "inflight_bytes": self._budget.used,
         }

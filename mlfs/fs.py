@@ -32,6 +32,7 @@ from .client import STATS_XATTR
 from .errors import MlfsError
 from .fetch import ChunkSource
 from .manifest import FileEntry
+from .prefetch import LoadDetector
 from .supervise import Supervisor
 from .tree import ROOT_INODE, Inodes, Node, Tree, chunk_slices
 
@@ -40,6 +41,8 @@ log = logging.getLogger("mlfs.fs")
 TIMEOUT = 3600.0
 #: Files whose tensor spans are kept sorted for ``_tensor_ahead`` (an LRU: a catalog may hold many).
 TENSOR_INDEX_FILES = 256
+#: Chunks a recognised load keeps in flight while it streams the rest of the file.
+STREAM_CONCURRENCY = 12
 READAHEAD_MIN = 1 << 20
 READAHEAD_MAX = 64 << 20
 
@@ -89,6 +92,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._tensor_index: OrderedDict[tuple[str, str], tuple[list[int], list[int]]] = \
             OrderedDict()
+        self._loads: OrderedDict[tuple[str, str], LoadDetector] = OrderedDict()  # same bound
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -135,8 +139,9 @@ class Operations(pyfuse3.Operations):
             if ino in new.nodes:  # back in the tree (switched back): no longer retired
                 del self.retired[ino]
         live = {(f.path, f.blake3) for f in new.files}
-        for key in [k for k in self._tensor_index if k not in live]:
-            del self._tensor_index[key]
+        for index in (self._tensor_index, self._loads):
+            for key in [k for k in index if k not in live]:
+                del index[key]
 
     def _maybe_release(self, ino: int) -> None:
         if ino in self.retired and not self.lookups.get(ino) and not self.opened.get(ino):
@@ -248,6 +253,8 @@ class Operations(pyfuse3.Operations):
         if not slices:
             return b""
         self._readahead(h, off, off + size)
+        if entry.tensors:
+            self._watch_load(h, off, off + size)
         if self.source.peek(entry.chunk_ids[slices[0][0]]) is None:
             self._tensor_ahead(entry, off + size)
         parts = []
@@ -287,20 +294,20 @@ class Operations(pyfuse3.Operations):
         if h.streak < READAHEAD_MIN or self.nursery is None:
             return
         target = min(end + min(2 * h.streak, READAHEAD_MAX), h.entry.size)
+        if h.entry.tensors:
+            # In a file of tensors, sequential read-ahead stops at the end of the tensor being
+            # read: a reader that takes a few tensors must not pull their neighbours.  Whole
+            # loads are recognised and streamed by mlfs.prefetch instead.
+            span = self._tensor_span(h.entry, end - 1)
+            if span is not None:
+                target = min(target, span[1])
         if target <= h.ahead_until:
             return
         self._schedule(h.entry, max(end, h.ahead_until), target)
         h.ahead_until = target
 
-    def _tensor_ahead(self, entry: FileEntry, start: int) -> None:
-        """A read that misses inside a tensor starts fetching the rest of that tensor at once.
-
-        Loaders read a tensor whole, but through mmap the kernel asks for it one fault (one
-        read-ahead window) at a time; fetching its remaining chunks in parallel turns a chain of
-        round trips into one.  Capped at ``READAHEAD_MAX`` bytes.
-        """
-        if not entry.tensors or self.nursery is None:
-            return
+    def _tensor_span(self, entry: FileEntry, pos: int) -> tuple[int, int] | None:
+        """``(begin, end)`` of the tensor holding byte *pos* of *entry*, or None."""
         key = (entry.path, entry.blake3)  # a switch may put another file at the same path
         index = self._tensor_index.get(key)
         if index is None:
@@ -311,11 +318,69 @@ class Operations(pyfuse3.Operations):
         else:
             self._tensor_index.move_to_end(key)
         begins, ends = index
-        i = bisect_right(begins, start - 1) - 1
-        if i < 0 or ends[i] <= start:
+        i = bisect_right(begins, pos) - 1
+        if i < 0 or ends[i] <= pos:
+            return None
+        return begins[i], ends[i]
+
+    def _tensor_ahead(self, entry: FileEntry, start: int) -> None:
+        """A read that misses inside a tensor starts fetching the rest of that tensor at once.
+
+        Loaders read a tensor whole, but through mmap the kernel asks for it one fault (one
+        read-ahead window) at a time; fetching its remaining chunks in parallel turns a chain of
+        round trips into one.  Capped at ``READAHEAD_MAX`` bytes.
+        """
+        if not entry.tensors or self.nursery is None:
             return
-        end = min(ends[i], start + READAHEAD_MAX)
-        self._schedule(entry, start, end)
+        span = self._tensor_span(entry, start - 1)
+        if span is None or span[1] <= start:
+            return
+        self._schedule(entry, start, min(span[1], start + READAHEAD_MAX))
+
+    def _watch_load(self, h: Handle, start: int, end: int) -> None:
+        """Feed the file's load detector (mlfs.prefetch); once it recognises a whole-model load,
+        stream the rest of the file in the background."""
+        entry = h.entry
+        key = (entry.path, entry.blake3)
+        det = self._loads.get(key)
+        if det is None:
+            det = self._loads[key] = LoadDetector(entry)
+            while len(self._loads) > TENSOR_INDEX_FILES:
+                self._loads.popitem(last=False)
+        if det.observe(start, end) and self.nursery is not None:
+            if entry.size > self.source.cache.max_bytes // 2:
+                log.info("load of %s recognised, but it is over half the cache: not streamed",
+                         entry.path)
+                return
+            log.info("load of %s recognised: streaming the rest of it", entry.path)
+            self.supervisor.start(f"stream of {entry.path}", lambda: self._stream(h.inode, entry))
+
+    async def _stream(self, inode: int, entry: FileEntry) -> None:
+        """Bring every chunk of *entry* into memory (and the disk cache) in file order, at most
+        ``STREAM_CONCURRENCY`` at a time, as background work: a reader's own miss is never queued
+        behind it.  Stops when no handle has the file open any more."""
+        slots = trio.Semaphore(STREAM_CONCURRENCY)
+        done = 0
+
+        async def one(cid: str, size: int) -> None:
+            nonlocal done
+            try:
+                await self.source.get(cid, size, background=True)
+                done += size
+            except MlfsError as e:
+                log.warning("stream of %s: chunk %s: %s", entry.path, cid[:16], e)
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as n:
+            for cid, size in zip(entry.chunk_ids, entry.chunk_sizes):
+                if not self.opened.get(inode):
+                    break  # every handle closed: the load is over
+                if self.source.peek(cid) is not None or self.source.in_flight(cid):
+                    continue
+                await slots.acquire()
+                n.start_soon(one, cid, size)
+        self.source.counters.streamed_bytes += done
 
     def _schedule(self, entry: FileEntry, begin: int, end: int) -> None:
         for i, _, _ in chunk_slices(entry, begin, end - begin):

@@ -1,6 +1,6 @@
 """Wiring a mount: manifest → tree, store → cache → chunk source → Operations → pyfuse3 main loop.
 
-``serve`` runs in the foreground process; ``spawn`` starts it in a daemon process and returns once
+``serve`` runs in the foreground process; ``daemonize`` forks it into a daemon and returns once
 the mount is ready (or reports the error the daemon hit before readiness).  Readiness means: the
 manifest's prefetch files (and the header chunk of every file whose tensors it knows) are in the
 cache, and the kernel mount is up.  SIGTERM, SIGINT and SIGHUP unmount cleanly.
@@ -175,7 +175,7 @@ def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts:
     warning = None
     if store is not None:
         try:
-            store.check()  # a missing bucket/directory is a clear error now, not EIO later
+            store.check_once()  # a missing bucket/directory: a clear error now, not EIO later
         except StoreUnavailable as e:  # down for now; a missing store or refused access raise
             warning = f"{e}; serving from the cache until it answers"
             log.warning("%s", warning)
@@ -337,17 +337,41 @@ async def _warm_all(source: ChunkSource, manifest: Manifest) -> None:
 
 
 # -- daemon mode ---------------------------------------------------------------------------------
-def spawn(argv: list[str], mountpoint: str, log_file: Path, timeout: float = 300
-          ) -> tuple[int, str | None]:
-    """Run ``mlfs mount --foreground ... --ready-fd N`` detached; once it is ready return its pid
-    and the warning it reported, if any (the daemon writes ``ready``, ``ready: <warning>`` or
-    ``error: <message>`` on the pipe)."""
-    r, w = os.pipe()
+def daemonize(run, log_file: Path, timeout: float = 300) -> tuple[int, str | None]:
+    """Fork a daemon that calls ``run(ready_fd)``; return its pid and warning once it is ready.
+
+    The child starts a session of its own, writes its output to *log_file*, and reports on the
+    pipe ``ready``, ``ready: <warning>`` or ``error: <message>``; the parent raises MountError for
+    an error or a child that exits without a word.
+    """
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "mlfs", *argv, "--foreground",
-                                 "--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=logf, start_new_session=True)
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        code = 1
+        try:
+            os.close(r)
+            os.setsid()
+            out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            run(w)
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - reported on the pipe, then exit
+            try:
+                os.write(w, f"error: {e}".encode())
+            except OSError:
+                pass
+            if not isinstance(e, MlfsError):
+                import traceback
+
+                traceback.print_exc()
+        finally:
+            os._exit(code)
     os.close(w)
     msg = b""
     deadline = time.monotonic() + timeout
@@ -359,12 +383,11 @@ def spawn(argv: list[str], mountpoint: str, log_file: Path, timeout: float = 300
             msg += chunk
     text = msg.decode(errors="replace").strip()
     if text == "ready":
-        return proc.pid, None
+        return pid, None
     if text.startswith("ready: "):
-        return proc.pid, text.removeprefix("ready: ")
+        return pid, text.removeprefix("ready: ")
     try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    raise MountError(text.removeprefix("error: ") or f"mount process exited ({proc.returncode}); "
-                     f"see {log_file}")
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    raise MountError(text.removeprefix("error: ") or f"mount process exited; see {log_file}")

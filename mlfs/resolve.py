@@ -45,5 +45,5 @@ def resolve(source: str | None, store_url: str | None = None, *, model_id: str |
     if not store_url:
         raise UsageError(f"{model_id}@{version} needs --store (or MLFS_STORE)")
     store = open_store(store_url, endpoint_url=endpoint_url)
-    store.check()
+    store.check_once()
     return store.load_manifest(model_id, version), store

@@ -105,6 +105,13 @@ class Store(ABC):
     def check(self) -> None:
         """Raise a clear StoreError if the store does not exist or cannot be reached."""
 
+    def check_once(self) -> None:
+        """``check()`` unless it already succeeded on this object (a daemon forked after the
+        command checked the store does not ask again: one round trip less before readiness)."""
+        if not getattr(self, "_checked", False):
+            self.check()
+            self._checked = True
+
     def sync(self) -> None:
         """Make every object written so far durable (called before a manifest is published)."""
 

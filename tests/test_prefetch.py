@@ -1,0 +1,153 @@
+"""The load detector (mlfs.prefetch) alone, and driven through Operations under trio: a loader
+streams the file, a reader that takes a few tensors does not pull the model."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import trio
+
+from mlfs.cache import ChunkCache
+from mlfs.fetch import ChunkSource
+from mlfs.fs import Operations
+from mlfs.generate import generate
+from mlfs.manifest import FileEntry
+from mlfs.prefetch import LOAD_RUN, LoadDetector
+from mlfs.supervise import Supervisor
+from mlfs.tree import ROOT_INODE, Inodes, Tree
+
+MiB = 1 << 20
+
+
+def entry(n: int = 40, size: int = 2 * MiB, small_every: int = 0, shuffle_names: bool = True) -> FileEntry:
+    """A file of *n* tensors of *size* bytes (and small ones between, if asked), named so that
+    name order differs from file order."""
+    names = [f"t{i:03d}" for i in range(n)]
+    if shuffle_names:
+        random.Random(1).shuffle(names)
+    tensors, pos = {}, 100
+    for i, name in enumerate(names):
+        tensors[name] = (pos, pos + size, "0" * 16)
+        pos += size
+        if small_every and i % small_every == 0:
+            tensors[f"{name}.norm"] = (pos, pos + 4096, "0" * 16)
+            pos += 4096
+    return FileEntry("m.safetensors", pos, 0o644, "0" * 64, [], [], tensors)
+
+
+def read_tensor(det: LoadDetector, e: FileEntry, name: str, spill: int = MiB, step: int = 128 << 10):
+    """Read a tensor whole in read-ahead-sized requests, then spill into what follows."""
+    b, end, _ = e.tensors[name]
+    hit = False
+    for off in range(b, end + spill, step):
+        hit |= det.observe(off, min(off + step, e.size))
+    return hit
+
+
+@pytest.mark.parametrize("order", ["file", "name"])
+def test_a_loader_is_recognised_after_a_run_of_tensors(order):
+    e = entry(small_every=3)
+    big = [n for n in e.tensors if not n.endswith(".norm")]
+    seq = sorted(big, key=lambda n: e.tensors[n][0]) if order == "file" else sorted(big)
+    det = LoadDetector(e)
+    hits = [read_tensor(det, e, n) for n in seq]
+    assert hits.index(True) == LOAD_RUN - 1 and hits.count(True) == 1
+
+
+def test_a_random_reader_taking_ten_percent_is_never_a_load():
+    e = entry(n=300)
+    big = list(e.tensors)
+    rng = random.Random(7)
+    triggered = 0
+    for trial in range(200):
+        det = LoadDetector(e)
+        picks = rng.sample(big, 30)
+        triggered += any(read_tensor(det, e, n) for n in picks)
+    assert triggered == 0
+
+
+def test_read_ahead_spill_does_not_finish_the_next_tensor():
+    e = entry(n=20, shuffle_names=False)
+    names = sorted(e.tensors, key=lambda n: e.tensors[n][0])
+    for k in range(len(names) - 1):
+        det = LoadDetector(e)
+        read_tensor(det, e, names[k], spill=MiB)  # the kernel's largest read-ahead window
+        assert det._finished == {k}
+
+
+def test_files_with_few_large_tensors_are_left_to_the_lazy_path():
+    det = LoadDetector(entry(n=3))
+    assert not det.enabled and not det.observe(0, 1 << 30)
+
+
+# -- through Operations, no kernel -------------------------------------------------------------------
+@pytest.fixture
+def model(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {f"layer.{i:02d}.w": rng.standard_normal((1024, 512), dtype=np.float32)  # 2 MiB
+               for i in range(40)}
+    tensors.update({f"layer.{i:02d}.b": rng.standard_normal(512, dtype=np.float32) for i in range(40)})
+    d = tmp_path / "m"
+    d.mkdir()
+    save_file(tensors, str(d / "model.safetensors"))
+    from mlfs.stores import open_store
+
+    store = open_store(str(tmp_path / "store"), create=True)
+    m = generate(d, store, "m", "v1").manifest
+    return store, m, (d / "model.safetensors").read_bytes()
+
+
+def run_reads(store, m, tmp_path, reads):
+    cache = ChunkCache(tmp_path / "cache", 1 << 30)
+    source = ChunkSource(store, cache)
+    ops = Operations(Tree.of(m, Inodes()), source, {}, inodes=None, supervisor=Supervisor())
+    f = next(f for f in m.files if f.path == "model.safetensors")
+    out = {}
+
+    async def main():
+        async with trio.open_nursery() as n:
+            ops.supervisor.nursery = n
+            attr = await ops.lookup(ROOT_INODE, b"model.safetensors")
+            fh = (await ops.open(attr.st_ino, os.O_RDONLY, None)).fh
+            for name in reads:
+                b, e, _ = f.tensors[name]
+                got = b""
+                for off in range(b, e, 128 << 10):
+                    got += bytes(await ops.read(fh, off, min(128 << 10, e - off)))
+                out[name] = got
+            for _ in range(200):  # let a stream finish while the file is open
+                if source.counters.streamed_bytes or not ops.supervisor.nursery.child_tasks:
+                    break
+                await trio.sleep(0.05)
+            await ops.release(fh)
+            n.cancel_scope.cancel()
+    trio.run(main)
+    return source.snapshot(), f, out
+
+
+def test_a_partial_reader_fetches_little_more_than_its_tensors(model, tmp_path):
+    store, m, data = model
+    f = next(f for f in m.files if f.path == "model.safetensors")
+    names = sorted(n for n in f.tensors if n.endswith(".w"))
+    picks = random.Random(3).sample(names, 4)  # 10% of the large tensors, random order
+    stats, f, out = run_reads(store, m, tmp_path, picks)
+    for name in picks:
+        b, e, _ = f.tensors[name]
+        assert out[name] == data[b:e]
+    wanted = sum(f.tensors[n][1] - f.tensors[n][0] for n in picks) + f.chunk_sizes[0]
+    assert stats["streamed_bytes"] == 0
+    assert stats["bytes_fetched"] <= 1.5 * wanted + (4 << 20), (stats["bytes_fetched"], wanted)
+
+
+def test_a_key_order_load_streams_the_whole_file(model, tmp_path):
+    store, m, data = model
+    f = next(f for f in m.files if f.path == "model.safetensors")
+    first = sorted(n for n in f.tensors if n.endswith(".w"))[:LOAD_RUN]
+    stats, f, out = run_reads(store, m, tmp_path, first)
+    assert stats["streamed_bytes"] > 0
+    assert stats["bytes_fetched"] == sum(dict(zip(f.chunk_ids, f.chunk_sizes)).values())
