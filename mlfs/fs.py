@@ -21,12 +21,11 @@ import json
 import logging
 import os
 from bisect import bisect_right
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import pyfuse3
 import trio
-
-from collections import OrderedDict
 
 from .client import STATS_XATTR
 from .errors import MlfsError

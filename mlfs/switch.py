@@ -291,7 +291,7 @@ def _parse_request(data: bytes) -> dict:
     """A control request, validated (the socket's clients are untrusted)."""
     try:
         req = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ManifestError("request is not a JSON line") from None
     if not isinstance(req, dict) or req.get("op") != "switch":
         raise ManifestError("unknown request (expected {\"op\": \"switch\", ...})")

@@ -356,6 +356,7 @@ def test_control_socket_survives_clients_that_leave_stall_or_lie(model, tmp_path
         await client(req, read=False)  # asks for a switch and leaves before the answer
         await client(b"", read=False)
         assert b'"ok": false' in await client(b"not json\n", read=True)
+        assert b'"ok": false' in await client(b"[" * 200000 + b"\n", read=True)  # too deep
         assert b'"ok": false' in await client(b'{"op": "switch", "path": 7}\n', read=True)
         n.start_soon(lambda: client(b"x" * (2 << 20), False))
         n.start_soon(lambda: client(b'{"op": "sw', False, 3600))  # says half a line, then nothing
