@@ -169,6 +169,18 @@ def write_output(path: str, data: bytes) -> None:
         raise click.ClickException(f"cannot write {path}: {e.strerror}") from None
 
 
+def _chunk_cache_opts(f):
+    """--cache-dir, --cache-size and --memory of the commands that read chunks (mount, serve)."""
+    f = click.option("--memory", default=config.DEFAULT_MEMORY, show_default=True,
+                     help="In-memory chunk buffer budget (plus as much again for data in "
+                          "flight).")(f)
+    f = click.option("--cache-size", default=config.DEFAULT_CACHE_SIZE, show_default=True,
+                     help="Disk cache budget, e.g. 20G.")(f)
+    return click.option("--cache-dir", type=click.Path(file_okay=False),
+                        help="Chunk cache shared by every mount and server on this host "
+                             "[default: $MLFS_CACHE_DIR or $XDG_CACHE_HOME/mlfs].")(f)
+
+
 def _manifest_args(f):
     f = click.option("--version", "version", help="Version (with --id and --store).")(f)
     f = click.option("--id", "model_id", help="Model id (with --version and --store).")(f)
@@ -241,12 +253,7 @@ def export(manifest, dest_dir, store_url, endpoint_url, model_id, version, force
 @click.option("--manifest", "manifest_src", metavar="MANIFEST",
               help="Manifest file, or ID@VERSION with --store.")
 @_manifest_args
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Chunk cache shared by all "
-              "mounts [default: $MLFS_CACHE_DIR or $XDG_CACHE_HOME/mlfs].")
-@click.option("--cache-size", default=config.DEFAULT_CACHE_SIZE, show_default=True,
-              help="Disk cache budget, e.g. 20G.")
-@click.option("--memory", default=config.DEFAULT_MEMORY, show_default=True,
-              help="In-memory chunk buffer budget (plus as much again for data in flight).")
+@_chunk_cache_opts
 @click.option("--prefetch", type=click.Choice(["manifest", "all"]), default="manifest",
               show_default=True, help="'all' warms the whole model in the background.")
 @click.option("--timeout", default=config.DEFAULT_READ_TIMEOUT, show_default=True,
@@ -543,12 +550,7 @@ def verify_cmd(store_url, endpoint_url, deep, as_json):
 @_store_arg
 @click.option("--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
               help="Address to listen on (0.0.0.0:PORT for every interface).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Chunk cache shared with this "
-              "host's mounts [default: $MLFS_CACHE_DIR or $XDG_CACHE_HOME/mlfs].")
-@click.option("--cache-size", default=config.DEFAULT_CACHE_SIZE, show_default=True,
-              help="Disk cache budget, e.g. 200G.")
-@click.option("--memory", default=config.DEFAULT_MEMORY, show_default=True,
-              help="In-memory chunk buffer budget.")
+@_chunk_cache_opts
 @click.option("--ttl", default=5.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds manifests, aliases and the index may be cached (here and in front).")
 @click.option("--access-log", is_flag=True, help="Log every request.")
