@@ -12,6 +12,7 @@ checkpoints).  Every strategy sees the same files; "stored" is the sum of the di
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -97,12 +98,14 @@ def measure(dirs: list[Path], fmt: str = "safetensors"):
     return logical, rows
 
 
-def build_family(fmt: str) -> Path:
+def build_family(fmt: str, scratch: list[Path]) -> Path:
+    """The MiniLM family in *fmt*, in new temp dirs (added to *scratch* for the caller to remove)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import model_family
 
     family = Path(tempfile.mkdtemp(prefix=f"mlfs-family-{fmt}-"))
     src = Path(tempfile.mkdtemp(prefix="mlfs-family-src-")) if fmt != "safetensors" else family
+    scratch += [family, src]
     for v in model_family.VARIANTS:
         model_family.write_variant(model_family.base_model_dir(), src / v, v)
     if fmt == "gguf":
@@ -139,7 +142,15 @@ def main() -> None:
     args = ap.parse_args()
     formats = ["safetensors", "gguf", "torch"] if args.format == "all" else [args.format]
     for fmt in formats:
-        report(args.family or build_family(fmt), fmt)
+        if args.family:
+            report(args.family, fmt)
+            continue
+        scratch: list[Path] = []
+        try:
+            report(build_family(fmt, scratch), fmt)
+        finally:  # ~0.6-1.2 GB per format
+            for d in scratch:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

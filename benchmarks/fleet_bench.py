@@ -301,6 +301,8 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
         ShapedLink("mlfs-wan", args.wan_mbit).down()
+        if args.work is None:  # several GB of models, caches and downloads
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -109,3 +109,13 @@ def test_every_error_of_the_s3_store_is_one_of_ours(s3, code, status, kind):
     assert type(e.value).__name__ == kind
     with pytest.raises(getattr(errors, kind)):
         s3.has_manifest("m", "v1")
+
+
+def test_checking_the_store_takes_the_direct_path(s3, moto_server, monkeypatch):
+    calls = counting(s3)
+    s3.check()
+    assert len(calls) == 1  # one signed HEAD of the bucket, no boto3 call
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    missing = open_store("s3://no-such-bucket-mlfs/x")
+    with pytest.raises(StoreNotFound):
+        missing.check()

@@ -105,6 +105,12 @@ class S3Store(Store):
 
     def check(self) -> None:
         def head():
+            direct = self.direct
+            if direct is not None:  # boto3's first call costs ~0.1 s of set-up: not before a mount
+                try:
+                    return direct.head_bucket()
+                except NotDirect:
+                    pass  # boto3's answer below stands
             try:
                 self.client.head_bucket(Bucket=self.bucket)
             except bx.ClientError as e:
@@ -240,6 +246,25 @@ class DirectGet:
         base = f"{endpoint.rstrip('/')}/{quote(store.bucket, safe='')}/"
         return cls(store, base, store.client.meta.region_name or "us-east-1", credentials,
                    ca_certs, max_connections)
+
+    def head_bucket(self) -> None:
+        """Return if the bucket answers; StoreNotFound if it does not exist."""
+        url = self.base_url.rstrip("/")
+        request = AWSRequest(method="HEAD", url=url)
+        S3SigV4Auth(self.credentials.get_frozen_credentials(), "s3", self.region).add_auth(request)
+        try:
+            resp = self.pool.request("HEAD", url, headers=dict(request.headers.items()),
+                                     redirect=False, timeout=self.timeout)
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise ConnectionError(f"HEAD bucket: {type(e).__name__}: {e}") from None
+        if resp.status == 200:
+            return
+        if resp.status == 404:
+            raise StoreNotFound(f"bucket {self.store.bucket!r} does not exist "
+                                f"({self.store.describe()})")
+        if resp.status >= 500 or resp.status == 429:
+            raise StoreUnavailable(f"HEAD bucket: HTTP {resp.status}")
+        raise NotDirect(f"HTTP {resp.status}")
 
     def get(self, full_key: str, key: str) -> bytes:
         url = self.base_url + quote(full_key, safe="/~")
