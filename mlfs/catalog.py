@@ -57,10 +57,8 @@ def load_all(store: Store, model_id: str | None = None, threads: int = 16) -> li
 def list_aliases(store: Store) -> dict[tuple[str, str], list[str]]:
     """(id, version) → alias names."""
     out: dict[tuple[str, str], list[str]] = {}
-    for model_id, name, _ in store.list_alias_names():
-        version = store.get_alias(model_id, name)
-        if version:
-            out.setdefault((model_id, version), []).append(name)
+    for model_id, name, version in store.aliases():
+        out.setdefault((model_id, version), []).append(name)
     return out
 
 
@@ -293,14 +291,16 @@ def rebuild_index(store: Store, attempts: int = 3) -> bool:
             old = ix.loads(raw)
         except ManifestError:
             old = None
-    known = {(v["id"], v["version"]): v for v in (old.versions if old else [])}
+    def by_ref(idx) -> dict:
+        return {(v["id"], v["version"]): v for v in idx.versions} if idx else {}
+    known = by_ref(old)
     for _ in range(attempts):
         new = _index_from_listing(store, known)
         store.put_index_bytes(new.dumps())
-        again = _index_from_listing(store, {(v["id"], v["version"]): v for v in new.versions})
+        again = _index_from_listing(store, by_ref(new))
         if again.same_as(new):
             return True
-        known = {(v["id"], v["version"]): v for v in again.versions}
+        known = by_ref(again)
     log.warning("index of %s still changing after %d rebuilds; the next change rebuilds it again",
                 store.describe(), attempts)
     return True
@@ -322,10 +322,8 @@ def _index_from_listing(store: Store, known: dict) -> "Any":
                      "metadata": m.metadata, "logical_bytes": m.logical_size,
                      "files": len(m.files), "mtime": info.mtime}
         out.versions.append(entry)
-    for mid, name, _ in store.list_alias_names():
-        version = store.get_alias(mid, name)
-        if version:
-            out.aliases.append({"id": mid, "alias": name, "version": version})
+    out.aliases = [{"id": mid, "alias": name, "version": version}
+                   for mid, name, version in store.aliases()]
     return out
 
 

@@ -292,12 +292,14 @@ class Store(ABC):
     def delete_alias(self, model_id: str, alias: str) -> None:
         self.retry(lambda: self._delete(f"aliases/{model_id}/{alias}"), "delete alias")
 
-    def list_alias_names(self) -> Iterator[tuple[str, str, ObjectInfo]]:
-        """``(model id, alias, info)`` of every alias object (its target needs ``get_alias``)."""
+    def aliases(self) -> Iterator[tuple[str, str, str]]:
+        """``(model id, alias, version)`` of every alias (one LIST, then one GET per alias)."""
         for info in self._listing("aliases/"):
             parts = info.key.split("/")
             if len(parts) == 3:
-                yield parts[1], parts[2], info
+                version = self.get_alias(parts[1], parts[2])
+                if version:
+                    yield parts[1], parts[2], version
 
 
 def _one_line(e: BaseException) -> str:

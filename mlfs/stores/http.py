@@ -18,7 +18,6 @@ connections, timeouts, resets, truncated bodies, 429 and 5xx are temporary (retr
 from __future__ import annotations
 
 import os
-import time
 import urllib.request
 from typing import Iterator
 from urllib.parse import quote, urlsplit
@@ -56,7 +55,6 @@ class HttpStore(Store):
             kw.update(cert_reqs="CERT_REQUIRED", **({"ca_certs": ca} if ca else {}))
         proxy = _proxy_for(parts.scheme, parts.hostname or "")
         self.pool = urllib3.ProxyManager(proxy, **kw) if proxy else urllib3.PoolManager(**kw)
-        self._index: tuple[float, ix.Index] | None = None  # (when read, the index) for get_alias
 
     def describe(self) -> str:
         return self.url
@@ -153,19 +151,9 @@ class HttpStore(Store):
             yield v["id"], v["version"], ObjectInfo(f"manifests/{v['id']}/{v['version']}.json",
                                                     0, float(v.get("mtime", 0)))
 
-    def list_alias_names(self) -> Iterator[tuple[str, str, ObjectInfo]]:
-        idx = self.index()
-        self._index = (time.monotonic(), idx)
-        for a in idx.aliases:
-            yield a["id"], a["alias"], ObjectInfo(f"aliases/{a['id']}/{a['alias']}", 0, 0.0)
-
-    def get_alias(self, model_id: str, alias: str) -> str | None:
-        if self._index is not None and time.monotonic() - self._index[0] < 2:
-            # just listed: answer from the same index document, not one GET per alias
-            for a in self._index[1].aliases:
-                if (a["id"], a["alias"]) == (model_id, alias):
-                    return a["version"]
-        return super().get_alias(model_id, alias)
+    def aliases(self) -> Iterator[tuple[str, str, str]]:
+        for a in self.index().aliases:
+            yield a["id"], a["alias"], a["version"]
 
     def list_chunks(self):
         raise StoreError(f"{self.url} cannot list chunks: gc and verify need the writable store "
