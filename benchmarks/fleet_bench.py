@@ -46,9 +46,9 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def make_versions(d: Path, size: int) -> tuple[Path, Path, int]:
+def make_versions(d: Path, size: int) -> tuple[Path, Path]:
     """v1: an LLM-shaped safetensors model (4 MiB-ish fp16 matrices and small norms); v2: the
-    same with every sixth tensor changed.  Returns both dirs and the changed bytes."""
+    same with every sixth tensor changed."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(0)
@@ -63,12 +63,10 @@ def make_versions(d: Path, size: int) -> tuple[Path, Path, int]:
         v.mkdir(parents=True, exist_ok=True)
         (v / "config.json").write_text(json.dumps({"layers": i}))
     save_file(tensors, str(v1 / "model.safetensors"))
-    changed = 0
     for k in sorted(tensors)[::6]:
         tensors[k] = (tensors[k].view(np.uint16) ^ np.uint16(0x5555)).view(tensors[k].dtype)
-        changed += tensors[k].nbytes
     save_file(tensors, str(v2 / "model.safetensors"))
-    return v1, v2, changed
+    return v1, v2
 
 
 def mlfs(*args: str, env=None, check=True) -> subprocess.CompletedProcess:
@@ -186,7 +184,7 @@ def main() -> None:
     fleets: list[Fleet] = []
     try:
         log(f"models in {work}")
-        v1, v2, changed = make_versions(work / "models", args.size_mib << 20)
+        v1, v2 = make_versions(work / "models", args.size_mib << 20)
         wan = ShapedLink("mlfs-wan", args.wan_mbit, burst="256kb").up()
         O_IP = wan.origin_ip
         port = 4568

@@ -152,19 +152,9 @@ def write_output(path: str, data: bytes) -> None:
             with open(path, "wb") as f:
                 f.write(data)
             return
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            if st is not None:
-                os.chmod(tmp, stat_.S_IMODE(st.st_mode))
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        from .client import write_atomic
+
+        write_atomic(path, data, stat_.S_IMODE(st.st_mode) if st is not None else None)
     except OSError as e:
         raise click.ClickException(f"cannot write {path}: {e.strerror}") from None
 

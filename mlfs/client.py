@@ -209,9 +209,19 @@ def prometheus(stats: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace *path* with *data* in one rename (readers never see half a file)."""
+def write_atomic(path: str, data: bytes, mode: int | None = None) -> None:
+    """Replace *path* with *data* in one rename (readers never see half a file); no temp file is
+    left behind on failure.  *mode* sets the new file's permission bits."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
