@@ -9,7 +9,6 @@ crash at any point never leaves a manifest naming a missing chunk.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import mmap
 import os
@@ -423,9 +422,3 @@ def _map(fh, size: int) -> mmap.mmap | bytes:
     m = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ)
     m.madvise(mmap.MADV_SEQUENTIAL)
     return m
-
-
-def match_prefetch(patterns: list[str], path: str) -> bool:
-    """True if *path* matches a prefetch pattern (fnmatch; ``all`` or ``*`` match everything)."""
-    return any(p in ("all", "*") or fnmatch.fnmatchcase(path, p)
-               or fnmatch.fnmatchcase(path.rsplit("/", 1)[-1], p) for p in patterns)

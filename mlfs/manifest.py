@@ -23,6 +23,7 @@ the first 16 hex digits of the blake3 of the tensor's bytes, used by ``diff``.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from dataclasses import dataclass, field
@@ -288,3 +289,9 @@ def same_content(a: Manifest, b: Manifest) -> bool:
         doc.pop("store", None)
         return doc
     return body(a) == body(b)
+
+
+def match_prefetch(patterns: list[str], path: str) -> bool:
+    """True if *path* matches a prefetch pattern (fnmatch; ``all`` or ``*`` match everything)."""
+    return any(p in ("all", "*") or fnmatch.fnmatchcase(path, p)
+               or fnmatch.fnmatchcase(path.rsplit("/", 1)[-1], p) for p in patterns)

@@ -31,8 +31,7 @@ from .client import clean_runtime_dir, control_socket_path
 from .errors import MlfsError, MountError, StoreUnavailable
 from .fetch import ChunkSource
 from .fs import Operations
-from .generate import match_prefetch
-from .manifest import Manifest
+from .manifest import Manifest, match_prefetch
 from .stores import Store
 from .supervise import Supervisor
 from .tree import Inodes, Tree

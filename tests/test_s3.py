@@ -119,3 +119,62 @@ def test_checking_the_store_takes_the_direct_path(s3, moto_server, monkeypatch):
     missing = open_store("s3://no-such-bucket-mlfs/x")
     with pytest.raises(StoreNotFound):
         missing.check()
+
+
+@pytest.mark.parametrize("url,token", [
+    ("http://127.0.0.1:4569/bucket/chunks/ab/a%20key~x+y", None),
+    ("https://s3.eu-west-1.amazonaws.com/bucket/k", "session/token+="),
+    ("http://host:80/bucket", None),
+])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_sigv4_matches_botocore(url, token, method):
+    """The mount signs its GETs without botocore (docs/adr/0018); the headers must be exactly
+    botocore's for the same request and time."""
+    import datetime
+    from unittest import mock
+
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from mlfs.stores.sigv4 import Signer
+
+    when = datetime.datetime(2026, 11, 23, 23, 59, 58)
+    request = AWSRequest(method=method, url=url)
+    with mock.patch("botocore.auth.get_current_datetime", return_value=when):
+        S3SigV4Auth(Credentials("AKID", "secret/key", token), "s3", "eu-west-1").add_auth(request)
+    ours = Signer("AKID", "secret/key", "eu-west-1", token=token).headers(
+        method, url, now=when.replace(tzinfo=datetime.timezone.utc).timestamp())
+    theirs = dict(request.headers.items())
+    assert ours == {k: theirs[k] for k in ours}
+    assert set(theirs) == set(ours)
+
+
+def _run(code: str, env: dict) -> str:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+CHECK_AND_GET = ("import sys; from mlfs.stores import open_store; s = open_store({url!r}); "
+                 "s.check(); assert s._get('k') == b'v'; print('boto3' in sys.modules)")
+
+
+def test_a_mount_environment_needs_no_boto3(moto_server, tmp_path):
+    """With the endpoint, region and keys in the environment, checking the store and GETs import
+    no boto3 (a mount starts ~0.25 s sooner); without keys there, boto3's chain is asked and works
+    (here: a shared credentials file)."""
+    bucket = make_bucket(moto_server)
+    store = open_store(f"s3://{bucket}", endpoint_url=moto_server)
+    store._put("k", b"v")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=moto_server, AWS_DEFAULT_REGION="us-east-1",
+               AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    assert _run(CHECK_AND_GET.format(url=f"s3://{bucket}"), env) == "False"
+    creds = tmp_path / "credentials"
+    creds.write_text("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(creds), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    assert _run(CHECK_AND_GET.format(url=f"s3://{bucket}"), env) == "True"

@@ -4,9 +4,11 @@ The endpoint comes from ``--endpoint-url`` or the standard ``AWS_ENDPOINT_URL``;
 region from the standard AWS chain.  boto3's own retries are turned off: ``Store.retry`` owns the
 retry policy, so the time a read may take has one bound, not a product of two.
 
-Whole-object GETs (every chunk a mount fetches) take a shorter path than a boto3 call: the same
-SigV4 signer and HTTP library, without botocore's per-call machinery (:class:`DirectGet`,
-docs/adr/0010).  Anything that path does not expect is answered by boto3 instead.
+Whole-object GETs (every chunk a mount fetches) take a shorter path than a boto3 call: a SigV4
+signature and urllib3, without botocore's per-call machinery (:class:`DirectGet`, docs/adr/0010).
+Anything that path does not expect is answered by boto3 instead.  boto3 itself is imported and its
+client built on first use: a mount whose environment names the endpoint, region and keys never
+needs it (docs/adr/0018).
 """
 
 from __future__ import annotations
@@ -18,18 +20,12 @@ from typing import Iterator
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
 
-import boto3
-import botocore.exceptions as bx
-import botocore.session
 import urllib3
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.config import Config
-from botocore.httpsession import get_cert_path
 
 from .. import config
 from ..errors import ObjectNotFound, StoreNotFound, StorePermissionError, StoreUnavailable
 from .base import ObjectInfo, Store
+from .sigv4 import Signer
 
 log = logging.getLogger("mlfs.s3")
 
@@ -38,10 +34,18 @@ _TEMP_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"
                "ConditionalRequestConflict"}
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                  "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled"}
-_TEMP_EXC = (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
-             bx.ConnectTimeoutError, bx.IncompleteReadError, bx.ResponseStreamingError,
-             bx.ProxyConnectionError, bx.FlexibleChecksumError, bx.HTTPClientError,
-             ConnectionError, TimeoutError)
+
+
+def _botocore_temp_errors() -> tuple[type[BaseException], ...]:
+    import botocore.exceptions as bx
+
+    return (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
+            bx.ConnectTimeoutError, bx.IncompleteReadError, bx.ResponseStreamingError,
+            bx.ProxyConnectionError, bx.FlexibleChecksumError, bx.HTTPClientError)
+
+
+def _is_botocore(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("botocore")
 
 
 class S3Store(Store):
@@ -51,28 +55,51 @@ class S3Store(Store):
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint_url = endpoint_url
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        # Bodies are checked against their blake3 ids (chunks) or parsed and validated (manifests),
-        # so botocore's CRC32 of every GET body (0.45 s of CPU per GiB here) would check them twice.
-        cfg = Config(retries={"max_attempts": 1, "mode": "standard"},
-                     connect_timeout=config.S3_CONNECT_TIMEOUT, read_timeout=config.S3_READ_TIMEOUT,
-                     max_pool_connections=max_connections, s3={"addressing_style": "path"},
-                     response_checksum_validation="when_required")
-        self._local = threading.local()
-        self._session = boto3.session.Session()
-        self._cfg = cfg
+        self.max_connections = max_connections
         self._client_lock = threading.Lock()
-        self._client = self._session.client("s3", endpoint_url=endpoint_url, config=cfg)
+        self._client_obj = None
+        self._session_obj = None
         self.direct: DirectGet | None = DirectGet.create(self, max_connections)
+
+    def _session(self):
+        import boto3
+
+        if self._session_obj is None:
+            self._session_obj = boto3.session.Session()
+        return self._session_obj
 
     def describe(self) -> str:
         return self.url + (f" at {self.endpoint_url}" if self.endpoint_url else "")
 
     @property
-    def client(self):  # boto3 clients are thread-safe; one shares the connection pool
-        return self._client
+    def client(self):
+        """The boto3 client, built on first use (boto3 clients are thread-safe; one shares the
+        connection pool)."""
+        with self._client_lock:
+            if self._client_obj is None:
+                from botocore.config import Config
+
+                # Bodies are checked against their blake3 ids (chunks) or parsed and validated
+                # (manifests), so botocore's CRC32 of every GET body (0.45 s of CPU per GiB here)
+                # would check them twice.
+                cfg = Config(retries={"max_attempts": 1, "mode": "standard"},
+                             connect_timeout=config.S3_CONNECT_TIMEOUT,
+                             read_timeout=config.S3_READ_TIMEOUT,
+                             max_pool_connections=self.max_connections,
+                             s3={"addressing_style": "path"},
+                             response_checksum_validation="when_required")
+                self._client_obj = self._session().client("s3", endpoint_url=self.endpoint_url,
+                                                          config=cfg)
+            return self._client_obj
 
     def is_temp_failure(self, exc: BaseException) -> bool:
-        if isinstance(exc, (StoreUnavailable, *_TEMP_EXC)):
+        if isinstance(exc, (StoreUnavailable, ConnectionError, TimeoutError)):
+            return True
+        if not _is_botocore(exc):
+            return False
+        import botocore.exceptions as bx
+
+        if isinstance(exc, _botocore_temp_errors()):
             return True
         if isinstance(exc, bx.ClientError):
             err = exc.response.get("Error", {})
@@ -81,6 +108,10 @@ class S3Store(Store):
         return False
 
     def _map(self, e: Exception, key: str) -> Exception:
+        if not _is_botocore(e):
+            return e
+        import botocore.exceptions as bx
+
         if isinstance(e, bx.ClientError):
             code = e.response.get("Error", {}).get("Code", "")
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -111,6 +142,8 @@ class S3Store(Store):
                     return direct.head_bucket()
                 except NotDirect:
                     pass  # boto3's answer below stands
+            import botocore.exceptions as bx
+
             try:
                 self.client.head_bucket(Bucket=self.bucket)
             except bx.ClientError as e:
@@ -150,6 +183,8 @@ class S3Store(Store):
         flight: retried, then 412).  A server that ignores the header would replace the object;
         docs/adr/0013 says which servers honour it."""
         def put():
+            import botocore.exceptions as bx
+
             try:
                 self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data,
                                        IfNoneMatch="*")
@@ -202,8 +237,8 @@ class NotDirect(Exception):
 
 
 class DirectGet:
-    """Whole-object GETs signed by botocore's SigV4 signer and sent with urllib3, without a boto3
-    call around them (docs/adr/0010).
+    """Whole-object GETs signed with SigV4 and sent with urllib3, without a boto3 call around them
+    (docs/adr/0010).
 
     A boto3 ``get_object`` costs ~3.3 ms of CPU here before a byte moves (parameter validation,
     endpoint rules, event hooks, response parsing); this path ~0.75 ms, and a cold read makes one
@@ -211,14 +246,17 @@ class DirectGet:
     http(s) endpoint, path-style addressing, no proxy, credentials present.  It answers 200 (the
     body), 404 (ObjectNotFound or StoreNotFound) and 429/5xx (temporary, retried by
     ``Store.retry``); any other status raises :class:`NotDirect` and the caller asks boto3.
+
+    Where the environment names the endpoint, region and static keys (the usual container set-up)
+    it signs with :mod:`mlfs.stores.sigv4` and boto3 is not imported at all; otherwise boto3's
+    session resolves them (profiles, SSO, instance roles) and botocore signs.
     """
 
-    def __init__(self, store: S3Store, base_url: str, region: str, credentials,
-                 ca_certs: str | None, max_connections: int) -> None:
+    def __init__(self, store: S3Store, base_url: str, sign, ca_certs: str | None,
+                 max_connections: int) -> None:
         self.store = store
         self.base_url = base_url
-        self.region = region
-        self.credentials = credentials
+        self.sign = sign  # (method, url) -> headers
         kw = {"ca_certs": ca_certs, "cert_reqs": "CERT_REQUIRED"} if ca_certs else {}
         self.pool = urllib3.PoolManager(maxsize=max_connections, retries=False, **kw)
         self.timeout = urllib3.Timeout(connect=config.S3_CONNECT_TIMEOUT,
@@ -229,31 +267,40 @@ class DirectGet:
         """The direct path for *store*, or None where boto3 must do every request."""
         if not config.S3_DIRECT:
             return None
-        if any(os.environ.get(v) for v in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
-                                           "https_proxy", "all_proxy")):
+        env = os.environ
+        if any(env.get(v) for v in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
+                                    "https_proxy", "all_proxy")):
             return None  # botocore knows proxies; this path does not
-        endpoint = store.client.meta.endpoint_url or ""
+        fast = _from_environment(store.endpoint_url)
+        ca_bundle = env.get("AWS_CA_BUNDLE")
+        if fast is not None:
+            endpoint, signer = fast
+            sign = signer.headers
+        else:
+            import botocore.session
+
+            ca_bundle = botocore.session.Session().get_config_variable("ca_bundle")
+            endpoint = store.client.meta.endpoint_url or ""
+            credentials = store._session().get_credentials()
+            if credentials is None:
+                return None  # boto3 then raises its clear "no credentials" error
+            sign = _botocore_signer(credentials, store.client.meta.region_name or "us-east-1")
         parts = urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or parts.query or parts.fragment:
             return None
-        credentials = store._session.get_credentials()
-        if credentials is None:
-            return None  # boto3 then raises its clear "no credentials" error
         ca_certs = None
         if parts.scheme == "https":
-            ca_certs = (botocore.session.Session().get_config_variable("ca_bundle")
-                        or get_cert_path(True))
+            ca_certs = ca_bundle or _default_ca_bundle()
+            if ca_certs is None:
+                return None
         base = f"{endpoint.rstrip('/')}/{quote(store.bucket, safe='')}/"
-        return cls(store, base, store.client.meta.region_name or "us-east-1", credentials,
-                   ca_certs, max_connections)
+        return cls(store, base, sign, ca_certs, max_connections)
 
     def head_bucket(self) -> None:
         """Return if the bucket answers; StoreNotFound if it does not exist."""
         url = self.base_url.rstrip("/")
-        request = AWSRequest(method="HEAD", url=url)
-        S3SigV4Auth(self.credentials.get_frozen_credentials(), "s3", self.region).add_auth(request)
         try:
-            resp = self.pool.request("HEAD", url, headers=dict(request.headers.items()),
+            resp = self.pool.request("HEAD", url, headers=self.sign("HEAD", url),
                                      redirect=False, timeout=self.timeout)
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise ConnectionError(f"HEAD bucket: {type(e).__name__}: {e}") from None
@@ -268,10 +315,8 @@ class DirectGet:
 
     def get(self, full_key: str, key: str) -> bytes:
         url = self.base_url + quote(full_key, safe="/~")
-        request = AWSRequest(method="GET", url=url)
-        S3SigV4Auth(self.credentials.get_frozen_credentials(), "s3", self.region).add_auth(request)
         try:
-            resp = self.pool.request("GET", url, headers=dict(request.headers.items()),
+            resp = self.pool.request("GET", url, headers=self.sign("GET", url),
                                      preload_content=False, redirect=False, timeout=self.timeout)
             try:
                 body = resp.read(decode_content=False)
@@ -303,3 +348,39 @@ def _error_code(body: bytes) -> str:
     except ElementTree.ParseError:
         return ""
     return (node.text or "") if node is not None else ""
+
+
+def _from_environment(endpoint_url: str | None) -> tuple[str, Signer] | None:
+    """``(endpoint, signer)`` when the environment settles everything botocore would resolve for
+    the direct path — an explicit endpoint, a region and static keys — or None (ask boto3).  The
+    precedence is botocore's: an argument, then ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``;
+    keys in the environment come first in its credential chain."""
+    env = os.environ
+    if env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true" and not endpoint_url:
+        return None
+    endpoint = endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    region = env.get("AWS_DEFAULT_REGION")
+    if not (endpoint and key and secret and region):
+        return None
+    return endpoint, Signer(key, secret, region, token=env.get("AWS_SESSION_TOKEN") or None)
+
+
+def _botocore_signer(credentials, region: str):
+    """Sign with botocore (credentials that refresh: roles, SSO, web identity)."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+
+    def sign(method: str, url: str) -> dict[str, str]:
+        request = AWSRequest(method=method, url=url)
+        S3SigV4Auth(credentials.get_frozen_credentials(), "s3", region).add_auth(request)
+        return dict(request.headers.items())
+    return sign
+
+
+def _default_ca_bundle() -> str | None:
+    try:
+        import certifi
+    except ImportError:
+        return None
+    return certifi.where()
