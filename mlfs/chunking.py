@@ -7,6 +7,10 @@ once.  The boundaries therefore decide the dedup: we cut a safetensors file wher
 - The header (8-byte length + JSON) is one chunk of its own.
 - A tensor larger than ``piece_size`` is cut into ``piece_size`` pieces counted from the tensor's own
   start, so an embedding that grew by appended rows still shares all its old full pieces.
+- A large tensor's first 512 KiB (its *head*) and last 256 KiB (its *tail*) are chunks of their
+  own, so the kernel's read-ahead spilling from one tensor into its neighbours costs an edge, not a
+  4 MiB piece, and a reader that takes a few tensors fetches about what it reads
+  (docs/adr/0018-edges.md).
 - Consecutive tensors smaller than ``small`` are packed into one chunk up to ``pack_limit`` bytes:
   a BERT layer has a dozen 1.5 KB LayerNorm/bias tensors and every chunk costs a store request.
   Packs end at every large tensor, so a pack holds the small tensors of one layer and still
@@ -22,7 +26,8 @@ import json
 import struct
 from dataclasses import dataclass
 
-from .config import GENERIC_PIECE_SIZE, PACK_LIMIT, PIECE_SIZE, SMALL_POLICY, SMALL_TENSOR
+from .config import EDGE_HEAD, EDGE_TAIL, GENERIC_PIECE_SIZE, PACK_LIMIT, PIECE_SIZE, SMALL_POLICY, \
+    SMALL_TENSOR
 
 MAX_HEADER = 100 << 20
 
@@ -89,24 +94,39 @@ def fixed_spans(begin: int, end: int, piece: int) -> list[tuple[int, int]]:
     return [(o, min(o + piece, end)) for o in range(begin, end, piece)]
 
 
+def region_pieces(begin: int, end: int, piece: int,
+                  edges: tuple[int, int] = (0, 0)) -> list[tuple[int, int]]:
+    """The pieces of one large region: with ``edges = (head, tail)``, its first *head* and last
+    *tail* bytes on their own (when it is longer than both), the rest in *piece*-sized pieces
+    counted from the end of the head — so rows appended to a tensor still leave all its earlier
+    full pieces shared."""
+    head, tail = edges
+    if head <= 0 or end - begin <= head + tail:
+        return fixed_spans(begin, end, piece)
+    pieces = [(begin, begin + head), *fixed_spans(begin + head, end - tail, piece)]
+    return pieces + [(end - tail, end)] if tail > 0 else pieces
+
+
 def generic_spans(size: int, piece: int = GENERIC_PIECE_SIZE) -> list[tuple[int, int]]:
     return fixed_spans(0, size, piece)
 
 
 def safetensors_spans(data_start: int, tensors: list[Tensor], file_size: int, *,
                       piece: int = PIECE_SIZE, small: int = SMALL_TENSOR,
-                      pack_limit: int = PACK_LIMIT, policy: str = SMALL_POLICY) -> list[tuple[int, int]]:
+                      pack_limit: int = PACK_LIMIT, policy: str = SMALL_POLICY,
+                      edges: tuple[int, int] = (EDGE_HEAD, EDGE_TAIL)) -> list[tuple[int, int]]:
     """Chunk spans covering ``[0, file_size)`` for a parsed safetensors file (see module doc):
     the header, then :func:`region_spans` over the tensors."""
     spans: list[tuple[int, int]] = [(0, data_start)]
     _cut(spans, data_start, [(t.begin, t.end) for t in tensors], file_size, piece=piece,
-         small=small, pack_limit=pack_limit, policy=policy)
+         small=small, pack_limit=pack_limit, policy=policy, edges=edges)
     return spans
 
 
 def region_spans(regions: list[tuple[int, int]], begin: int, end: int, *,
                  piece: int = PIECE_SIZE, small: int = SMALL_TENSOR,
-                 pack_limit: int = PACK_LIMIT, policy: str = SMALL_POLICY) -> list[tuple[int, int]]:
+                 pack_limit: int = PACK_LIMIT, policy: str = SMALL_POLICY,
+                 edges: tuple[int, int] = (EDGE_HEAD, EDGE_TAIL)) -> list[tuple[int, int]]:
     """Chunk spans covering ``[begin, end)`` where *regions* (sorted, disjoint, inside it) are the
     units that change together — tensors, a GGUF key/value, a zip entry.
 
@@ -114,17 +134,19 @@ def region_spans(regions: list[tuple[int, int]], begin: int, end: int, *,
     ``"separate"`` gives each its own chunk, ``"pack"`` puts the run in one chunk (at most
     *pack_limit* bytes), ``"glue"`` prepends the run to the first piece of the next large region
     (or appends it to the last piece of the previous one at the end).  A region of *small* or more
-    is cut into *piece*-sized pieces counted from its own start.  Bytes outside every region are
-    cut into fixed pieces of their own.
+    is cut into *piece*-sized pieces counted from its own start, after its head and before its
+    tail (*edges*, see :func:`region_pieces`).  Bytes outside every region are cut into fixed
+    pieces of their own.
     """
     spans: list[tuple[int, int]] = []
     _cut(spans, begin, regions, end, piece=piece, small=small, pack_limit=pack_limit,
-         policy=policy)
+         policy=policy, edges=edges)
     return spans
 
 
 def _cut(spans: list[tuple[int, int]], pos: int, regions: list[tuple[int, int]], end: int, *,
-         piece: int, small: int, pack_limit: int, policy: str) -> None:
+         piece: int, small: int, pack_limit: int, policy: str,
+         edges: tuple[int, int] = (0, 0)) -> None:
     """Append to *spans* the spans covering ``[pos, end)`` (spans already there are never
     glued to)."""
     protected = len(spans)
@@ -155,7 +177,7 @@ def _cut(spans: list[tuple[int, int]], pos: int, regions: list[tuple[int, int]],
             spans.append((begin, stop))
             pos = stop
             continue
-        pieces = fixed_spans(begin, stop, piece)
+        pieces = region_pieces(begin, stop, piece, edges)
         if policy == "glue" and run_start is not None:
             pieces[0] = (run_start, pieces[0][1])
             run_start = None

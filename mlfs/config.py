@@ -12,6 +12,13 @@ from pathlib import Path
 #: Tensors larger than this are cut into pieces of this size, aligned to the tensor's start
 #: (docs/adr/0001-chunking.md has the measurement behind the number).
 PIECE_SIZE = 4 << 20
+#: A large tensor's first and last bytes are chunks of their own — a *head* of this many bytes
+#: and a *tail* of that many (docs/adr/0018).  A page fault in an mmap reads a window around it,
+#: and the kernel reads ahead past the end of the tensor that was wanted: that spill (up to
+#: ~384 KiB forward, 128 KiB back at the default read-ahead) then costs a head or a tail, not a
+#: 4 MiB piece.  ``MLFS_EDGES=0`` turns edges off (benchmarks compare); set before import.
+EDGE_HEAD, EDGE_TAIL = ((512 << 10, 256 << 10) if os.environ.get("MLFS_EDGES", "") != "0"
+                        else (0, 0))
 #: Consecutive tensors smaller than this are packed into one chunk ...
 SMALL_TENSOR = 64 << 10
 #: ... as long as the pack stays below this size.
@@ -51,7 +58,7 @@ DEBUG = bool(os.environ.get("MLFS_DEBUG"))
 DEFAULT_CACHE_SIZE = os.environ.get("MLFS_CACHE_SIZE", "20G")
 DEFAULT_MEMORY = "256M"
 DEFAULT_READ_TIMEOUT = 30.0
-DEFAULT_READ_AHEAD = "1M"
+DEFAULT_READ_AHEAD = "128K"
 DEFAULT_CATALOG_POLL = 30.0
 #: Hashing/upload threads of ``generate`` and ``export``.
 DEFAULT_THREADS = 8

@@ -44,6 +44,12 @@ TENSOR_INDEX_FILES = 256
 STREAM_CONCURRENCY = 12
 READAHEAD_MIN = 1 << 20
 READAHEAD_MAX = 64 << 20
+#: How far into a tensor a read must reach before the rest of the tensor is fetched at once.  A
+#: page fault in an mmap reads a window around it, and the kernel's read-ahead a window or two
+#: past the end of the tensor the reader wanted: up to ~384 KiB into the next tensor at the
+#: default 128 KiB read-ahead (measured, docs/adr/0018).  Reads that shallow are spill, not a
+#: reader starting the tensor; they cost the tensor's first chunk (its 512 KiB head), no more.
+SPILL = 512 << 10
 
 
 def _guard(fn):
@@ -254,7 +260,7 @@ class Operations(pyfuse3.Operations):
         self._readahead(h, off, off + size)
         if entry.tensors:
             self._watch_load(h, off, off + size)
-        if self.source.peek(entry.chunk_ids[slices[0][0]]) is None:
+        if self.source.peek(entry.chunk_ids[slices[-1][0]]) is None:
             self._tensor_ahead(entry, off + size)
         parts = []
         for i, a, b in slices:
@@ -297,9 +303,11 @@ class Operations(pyfuse3.Operations):
             # In a file of tensors, sequential read-ahead stops at the end of the tensor being
             # read: a reader that takes a few tensors must not pull their neighbours.  Whole
             # loads are recognised and streamed by mlfs.prefetch instead.
+            # Nor into the next tensor before the reads are SPILL bytes deep in it: until then
+            # they may be the kernel's read-ahead spilling past the tensor that was wanted.
             span = self._tensor_span(h.entry, end - 1)
             if span is not None:
-                target = min(target, span[1])
+                target = min(target, span[1] if end - span[0] > SPILL else end)
         if target <= h.ahead_until:
             return
         self._schedule(h.entry, max(end, h.ahead_until), target)
@@ -327,12 +335,14 @@ class Operations(pyfuse3.Operations):
 
         Loaders read a tensor whole, but through mmap the kernel asks for it one fault (one
         read-ahead window) at a time; fetching its remaining chunks in parallel turns a chain of
-        round trips into one.  Capped at ``READAHEAD_MAX`` bytes.
+        round trips into one.  Capped at ``READAHEAD_MAX`` bytes.  Only once the reads reach
+        ``SPILL`` bytes into the tensor: shallower ones may be the kernel's read-ahead spilling
+        past the end of the tensor before it.
         """
         if not entry.tensors or self.nursery is None:
             return
         span = self._tensor_span(entry, start - 1)
-        if span is None or span[1] <= start:
+        if span is None or span[1] <= start or start - span[0] <= SPILL:
             return
         self._schedule(entry, start, min(span[1], start + READAHEAD_MAX))
 

@@ -12,8 +12,9 @@ A reader that takes a few tensors must not pull the model, so the signal is stri
 them touched) follow each other — each one or two places after the one before — in file order or
 in name order (a loader's two orders).  A reader picking k of n large tensors at random meets that
 by chance with probability about 2·(2/n)^(run-1) per window: for n = 300 and run = 4, one in three
-million.  ``min_tensor`` is twice the largest kernel read-ahead window (1 MiB by default), so
-read-ahead spilling past the end of one tensor never finishes the next, and small tensors (norms,
+million.  ``min_tensor`` (2 MiB) is over five times the spill of the kernel's read-ahead past the end
+of a tensor (~384 KiB at the default 128 KiB window, docs/adr/0018), so read-ahead never finishes
+the next tensor, and small tensors (norms,
 biases) are not counted at all.  A file with fewer than ``run`` large tensors is left to the lazy
 path (and to ``--prefetch all``).
 """

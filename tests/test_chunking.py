@@ -78,15 +78,27 @@ def test_small_tensor_policies_cover_the_file(policy):
         assert (10, 54) in spans and (94, 101) in spans
 
 
+def test_large_tensors_have_a_head_and_a_tail_of_their_own():
+    """docs/adr/0018: read-ahead spilling into a neighbour costs its head or tail, not a piece;
+    the small run before a tensor joins its head; pieces between stay aligned to the head."""
+    ts = [Tensor("norm", 10, 14), Tensor("big", 14, 214), Tensor("mid", 214, 238),
+          Tensor("odd", 238, 254)]
+    spans = safetensors_spans(10, ts, 254, piece=64, small=8, edges=(16, 8))
+    covers(spans, 254)
+    assert spans == [(0, 10), (10, 30), (30, 94), (94, 158), (158, 206), (206, 214),
+                     (214, 238), (238, 254)]  # "mid" and "odd" are not longer than both edges
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 5000), max_size=30), st.integers(1, 3000), st.integers(0, 2000),
-       st.sampled_from(["separate", "pack", "glue"]), st.integers(0, 50))
-def test_spans_always_cover_the_file_exactly(sizes, piece, small, policy, tail):
+       st.sampled_from(["separate", "pack", "glue"]), st.integers(0, 50),
+       st.tuples(st.integers(0, 700), st.integers(0, 700)))
+def test_spans_always_cover_the_file_exactly(sizes, piece, small, policy, tail, edges):
     start = 64
     tensors, pos = [], start
     for i, s in enumerate(sizes):
         tensors.append(Tensor(str(i), pos, pos + s))
         pos += s
     spans = safetensors_spans(start, tensors, pos + tail, piece=piece, small=small, policy=policy,
-                              pack_limit=max(piece, 1))
+                              pack_limit=max(piece, 1), edges=edges)
     covers(spans, pos + tail)

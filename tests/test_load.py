@@ -100,3 +100,48 @@ def test_load_completes_while_the_page_cache_is_evicted_under_it(llm, mounter, t
                 import time
 
                 time.sleep(0.1)
+
+
+# A partial reader: 10% of the tensors, in a random order, through safe_open (mmap underneath).
+PARTIAL = """
+import hashlib, json, random, sys
+from safetensors import safe_open
+out = {}
+with safe_open(sys.argv[1], "np") as f:
+    keys = sorted(f.keys())
+    random.Random(int(sys.argv[2])).shuffle(keys)
+    for k in keys[:len(keys) // 10]:
+        out[k] = hashlib.sha256(f.get_tensor(k).tobytes()).hexdigest()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_a_reader_of_a_few_tensors_fetches_them_and_their_edges_only(llm, mounter, tmp_path, seed):
+    """Laziness through the kernel (docs/adr/0018): a page fault reads a window around it and
+    read-ahead runs past the end of the tensor that was wanted, into its neighbours.  That spill
+    may cost the neighbours' tail and head chunks, never the rest of them (before: the next
+    tensor whole, and a 4 MiB piece for every spill)."""
+    from mlfs import manifest as mf
+    from mlfs.config import EDGE_HEAD, EDGE_TAIL
+
+    man, want = llm
+    entry = next(f for f in mf.loads(man.read_bytes()).files if f.path == "model.safetensors")
+    mnt = mounter("--manifest", man, "--cache-dir", tmp_path / "c")
+    before = mnt.stats()["bytes_fetched"]
+    p = subprocess.run([sys.executable, "-c", PARTIAL, str(mnt.mountpoint / "model.safetensors"),
+                        str(seed)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    assert got and all(want[k] == v for k, v in got.items())
+    fetched = mnt.stats()["bytes_fetched"] - before
+    # Opening the file reads the header, and read-ahead past it the first tensor's head.
+    header_end = entry.chunk_sizes[0]
+    allowed = {i for i, o in enumerate(entry.offsets) if 0 < o < header_end + EDGE_HEAD}
+    for k in got:
+        b, e, _ = entry.tensors[k]
+        allowed |= {i for i, (o, s) in enumerate(zip(entry.offsets, entry.chunk_sizes))
+                    if o < e + EDGE_HEAD and o + s > b - EDGE_TAIL}
+    picked = sum(entry.tensors[k][1] - entry.tensors[k][0] for k in got)
+    assert 0 < fetched <= sum(entry.chunk_sizes[i] for i in allowed), (fetched, picked)
+    assert mnt.stats()["streamed_bytes"] == 0  # not mistaken for a load
