@@ -31,7 +31,7 @@ from .client import STATS_XATTR
 from .errors import MlfsError
 from .fetch import ChunkSource
 from .manifest import FileEntry
-from .prefetch import LoadDetector
+from .prefetch import LoadDetector, stream_order
 from .supervise import Supervisor
 from .tree import ROOT_INODE, Inodes, Node, Tree, chunk_slices
 
@@ -68,6 +68,33 @@ def _guard(fn):
     return wrapper
 
 
+class _Stream:
+    """A recognised load being streamed: the chunks it brought in that no read has asked for yet.
+    The stream stays at most ``lead`` bytes of those ahead of the reader, so what it brings is
+    still in memory when the reader gets there (a stream running away from a warm reader pushed
+    chunks out of the memory LRU before their turn, and they were read from disk twice)."""
+
+    __slots__ = ("pending", "pending_bytes", "moved", "asked")
+
+    def __init__(self) -> None:
+        self.pending: dict[int, int] = {}  # chunk index → size
+        self.pending_bytes = 0
+        self.moved = trio.Event()
+        self.asked: set[int] = set()  # chunks a reader asked for while the stream ran
+
+    def consumed(self, i: int) -> None:
+        self.asked.add(i)
+        size = self.pending.pop(i, None)
+        if size is not None:
+            self.pending_bytes -= size
+            self.moved.set()
+
+    def brought(self, i: int, size: int) -> None:
+        if i not in self.pending and i not in self.asked:
+            self.pending[i] = size
+            self.pending_bytes += size
+
+
 @dataclass(slots=True)
 class Handle:
     inode: int
@@ -98,6 +125,7 @@ class Operations(pyfuse3.Operations):
         self._tensor_index: OrderedDict[tuple[str, str], tuple[list[int], list[int]]] = \
             OrderedDict()
         self._loads: OrderedDict[tuple[str, str], LoadDetector] = OrderedDict()  # same bound
+        self._streams: dict[tuple[str, str], _Stream] = {}  # loads being streamed
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -260,6 +288,11 @@ class Operations(pyfuse3.Operations):
         self._readahead(h, off, off + size)
         if entry.tensors:
             self._watch_load(h, off, off + size)
+            if self._streams:
+                stream = self._streams.get((entry.path, entry.blake3))
+                if stream is not None:
+                    for i, _, _ in slices:
+                        stream.consumed(i)
         if self.source.peek(entry.chunk_ids[slices[-1][0]]) is None:
             self._tensor_ahead(entry, off + size)
         parts = []
@@ -361,35 +394,55 @@ class Operations(pyfuse3.Operations):
                 log.info("load of %s recognised, but it is over half the cache: not streamed",
                          entry.path)
                 return
-            log.info("load of %s recognised: streaming the rest of it", entry.path)
-            self.supervisor.start(f"stream of {entry.path}", lambda: self._stream(h.inode, entry))
+            log.info("load of %s recognised (%s order): streaming the rest of it", entry.path,
+                     det.order)
+            order = stream_order(entry, det.order)
+            self.supervisor.start(f"stream of {entry.path}",
+                                  lambda: self._stream(h.inode, entry, order))
 
-    async def _stream(self, inode: int, entry: FileEntry) -> None:
-        """Bring every chunk of *entry* into memory (and the disk cache) in file order, at most
-        ``STREAM_CONCURRENCY`` at a time, as background work: a reader's own miss is never queued
-        behind it.  Stops when no handle has the file open any more."""
+    async def _stream(self, inode: int, entry: FileEntry, order: list[int]) -> None:
+        """Bring the chunks of *entry* into memory (and the disk cache) in *order* — the order the
+        loader goes in — at most ``STREAM_CONCURRENCY`` at a time, as background work (a reader's
+        own miss is never queued behind it), and at most half the memory budget ahead of what
+        the reader has taken.  Stops when no handle has the file open any more."""
+        key = (entry.path, entry.blake3)
+        stream = self._streams[key] = _Stream()
+        lead = max(self.source.memory_bytes // 2, STREAM_CONCURRENCY * max(entry.chunk_sizes))
         slots = trio.Semaphore(STREAM_CONCURRENCY)
-        done = 0
+        done = flying = 0
 
-        async def one(cid: str, size: int) -> None:
-            nonlocal done
+        async def one(i: int, cid: str, size: int) -> None:
+            nonlocal done, flying
             try:
                 await self.source.get(cid, size, background=True)
                 done += size
+                stream.brought(i, size)
             except MlfsError as e:
                 log.warning("stream of %s: chunk %s: %s", entry.path, cid[:16], e)
             finally:
+                flying -= size
                 slots.release()
 
-        async with trio.open_nursery() as n:
-            for cid, size in zip(entry.chunk_ids, entry.chunk_sizes):
-                if not self.opened.get(inode):
-                    break  # every handle closed: the load is over
-                if self.source.peek(cid) is not None or self.source.in_flight(cid):
-                    continue
-                await slots.acquire()
-                n.start_soon(one, cid, size)
-        self.source.counters.streamed_bytes += done
+        try:
+            async with trio.open_nursery() as n:
+                for i in order:
+                    cid, size = entry.chunk_ids[i], entry.chunk_sizes[i]
+                    if self.source.peek(cid) is not None or self.source.in_flight(cid):
+                        continue
+                    while (stream.pending_bytes + flying + size > lead
+                           and self.opened.get(inode)):
+                        stream.moved = trio.Event()
+                        with trio.move_on_after(1.0):
+                            await stream.moved.wait()
+                    if not self.opened.get(inode):
+                        break  # every handle closed: the load is over
+                    await slots.acquire()
+                    flying += size
+                    n.start_soon(one, i, cid, size)
+        finally:
+            if self._streams.get(key) is stream:
+                del self._streams[key]
+            self.source.counters.streamed_bytes += done
 
     def _schedule(self, entry: FileEntry, begin: int, end: int) -> None:
         for i, _, _ in chunk_slices(entry, begin, end - begin):

@@ -51,6 +51,7 @@ class LoadDetector:
         self.run = run
         self.block = block
         self.loading = False
+        self.order = ""  # once loading: "file" or "name", the order the loader goes in
         self._touched: dict[int, set[int]] = {}  # tensor → blocks touched, until finished
         self._finished: set[int] = set()
         self._order: list[int] = []  # tensors in the order they were finished (the last run)
@@ -86,6 +87,33 @@ class LoadDetector:
             return False
         o = self._order
         if all(0 < b - a <= MAX_STEP for a, b in zip(o, o[1:])):
+            self.order = "file"
             return True
         ranks = [self.name_rank[i] for i in o]
-        return all(0 < b - a <= MAX_STEP for a, b in zip(ranks, ranks[1:]))
+        if all(0 < b - a <= MAX_STEP for a, b in zip(ranks, ranks[1:])):
+            self.order = "name"
+            return True
+        return False
+
+
+def stream_order(entry: FileEntry, order: str) -> list[int]:
+    """The chunk indices of *entry* in the order a loader going in *order* ("file" or "name")
+    will want them: by name, each tensor's chunks in turn (a chunk shared by two tensors comes
+    with the first), then whatever no tensor covers (header, gaps) in file order."""
+    if order != "name" or not entry.tensors:
+        return list(range(len(entry.chunk_ids)))
+    offsets = entry.offsets
+    seq: list[int] = []
+    seen: set[int] = set()
+    for name in sorted(entry.tensors):
+        b, e, _ = entry.tensors[name]
+        if e <= b:
+            continue
+        i = max(bisect_right(offsets, b) - 1, 0)
+        while i < len(offsets) and offsets[i] < e:
+            if i not in seen:
+                seen.add(i)
+                seq.append(i)
+            i += 1
+    seq += [i for i in range(len(entry.chunk_ids)) if i not in seen]
+    return seq

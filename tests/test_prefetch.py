@@ -15,7 +15,7 @@ from mlfs.fetch import ChunkSource
 from mlfs.fs import Operations
 from mlfs.generate import generate
 from mlfs.manifest import FileEntry
-from mlfs.prefetch import LOAD_RUN, LoadDetector
+from mlfs.prefetch import LOAD_RUN, LoadDetector, stream_order
 from mlfs.supervise import Supervisor
 from mlfs.tree import ROOT_INODE, Inodes, Tree
 
@@ -55,6 +55,18 @@ def test_a_loader_is_recognised_after_a_run_of_tensors(order):
     det = LoadDetector(e)
     hits = [read_tensor(det, e, n) for n in seq]
     assert hits.index(True) == LOAD_RUN - 1 and hits.count(True) == 1
+    assert det.order == order  # the stream then goes the loader's way
+
+
+def test_the_stream_goes_in_the_loader_s_order():
+    """Chunks by tensor name (a chunk shared by two tensors comes with the first), then what no
+    tensor covers; or file order."""
+    tensors = {"b": (10, 30, "0" * 16), "a": (30, 35, "0" * 16), "c": (35, 60, "0" * 16)}
+    sizes = [10, 20, 10, 15, 5]  # header | b | a+c's start | c | c
+    e = FileEntry("m.safetensors", 60, 0o644, "0" * 64, [str(i) * 64 for i in range(5)], sizes,
+                  tensors)
+    assert stream_order(e, "name") == [2, 1, 3, 4, 0]
+    assert stream_order(e, "file") == [0, 1, 2, 3, 4]
 
 
 def test_a_random_reader_taking_ten_percent_is_never_a_load():
@@ -102,9 +114,9 @@ def model(tmp_path):
     return store, m, (d / "model.safetensors").read_bytes()
 
 
-def run_reads(store, m, tmp_path, reads):
+def run_reads(store, m, tmp_path, reads, memory_bytes=256 << 20, watch=None, pause=0.0):
     cache = ChunkCache(tmp_path / "cache", 1 << 30)
-    source = ChunkSource(store, cache)
+    source = ChunkSource(store, cache, memory_bytes=memory_bytes)
     ops = Operations(Tree.of(m, Inodes()), source, {}, inodes=None, supervisor=Supervisor())
     f = next(f for f in m.files if f.path == "model.safetensors")
     out = {}
@@ -119,6 +131,9 @@ def run_reads(store, m, tmp_path, reads):
                 got = b""
                 for off in range(b, e, 128 << 10):
                     got += bytes(await ops.read(fh, off, min(128 << 10, e - off)))
+                    if watch:
+                        watch(ops)
+                    await trio.sleep(pause)  # a reader slower than the stream (it copies)
                 out[name] = got
             for _ in range(200):  # let a stream finish while the file is open
                 if source.counters.streamed_bytes or not ops.supervisor.nursery.child_tasks:
@@ -151,3 +166,26 @@ def test_a_key_order_load_streams_the_whole_file(model, tmp_path):
     stats, f, out = run_reads(store, m, tmp_path, first)
     assert stats["streamed_bytes"] > 0
     assert stats["bytes_fetched"] == sum(dict(zip(f.chunk_ids, f.chunk_sizes)).values())
+
+
+def test_a_stream_stays_within_half_the_memory_budget_ahead_of_the_reader(model, tmp_path):
+    """A stream running away from its reader pushed chunks out of memory before their turn (read
+    twice); it now waits while what it brought and no read asked for exceeds half the budget."""
+    store, m, data = model
+    f = next(f for f in m.files if f.path == "model.safetensors")
+    names = sorted(n for n in f.tensors if n.endswith(".w"))
+    memory = 48 << 20  # the model is 84 MB
+    lead = max(memory // 2, 12 * max(f.chunk_sizes))
+    seen = []
+
+    def watch(ops):
+        for s in ops._streams.values():
+            seen.append(s.pending_bytes)
+    stats, f, out = run_reads(store, m, tmp_path, names, memory_bytes=memory, watch=watch,
+                              pause=0.002)
+    assert all(out[n] == data[f.tensors[n][0]:f.tensors[n][1]] for n in names)
+    assert stats["streamed_bytes"] > 0
+    # Every chunk came from the store once and was used from memory: none was pushed out
+    # before its turn and read again from the disk cache.
+    assert stats["chunks_fetched"] == len(set(f.chunk_ids)) and stats["disk_hits"] == 0
+    assert seen and max(seen) <= lead
