@@ -225,6 +225,32 @@ def main() -> None:
         r["runai stream"] = time.perf_counter() - t
         r["runai cpu"] = cpu
 
+        if shutil.which("rclone"):
+            log("rclone mount (default options: no VFS cache)")
+            rc = work / "mnt-rclone"
+            rc.mkdir(exist_ok=True)
+            rc_env = {**env, "RCLONE_CONFIG_B_TYPE": "s3", "RCLONE_CONFIG_B_PROVIDER": "Other",
+                      "RCLONE_CONFIG_B_ENDPOINT": endpoint, "RCLONE_CONFIG_B_ACCESS_KEY_ID": "S3RVER",
+                      "RCLONE_CONFIG_B_SECRET_ACCESS_KEY": "S3RVER"}
+            drop_caches()
+            t = time.perf_counter()
+            rp = subprocess.Popen(["rclone", "mount", "b:bench/raw", str(rc), "--read-only"],
+                                  env=rc_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                while not os.path.ismount(rc):
+                    if rp.poll() is not None or time.perf_counter() - t > 30:
+                        raise RuntimeError("rclone mount did not come up")
+                    time.sleep(0.02)
+                _, cpu = run_py(LOAD_FILE, rc / "model.safetensors")
+                r["rclone mount cold load_file (mount + load)"] = time.perf_counter() - t
+                r["rclone cpu (mount + reader)"] = proc_cpu(rp.pid) + cpu
+            finally:
+                subprocess.run(["fusermount3", "-u", "-z", str(rc)], capture_output=True)
+                rp.terminate()
+                rp.wait(10)
+        else:
+            log("rclone is not installed (benchmarks/run.sh installs it): no rclone row")
+
         for kind, code in (("load_file", LOAD_FILE), ("safe_open", SAFE_OPEN)):
             log(f"mlfs cold, {kind}")
             shutil.rmtree(work / f"cache-{kind}", ignore_errors=True)
@@ -295,6 +321,22 @@ def main() -> None:
         r["partial first tensor / s5cmd download"] = first / r["s5cmd download"]
         p.close()
 
+        log("mlfs cold with a cache a tenth of the model (peak RSS of the mount)")
+        shutil.rmtree(work / "cache-small", ignore_errors=True)
+        drop_caches()
+        memory, inflight = 64 << 20, 256 << 20  # --memory; the in-flight budget (fetch.py default)
+        t = time.perf_counter()
+        sm = Mount(work / "mnt-small", work / "cache-small", "--store", store, "--id", "llm",
+                   "--version", "v1", "--cache-size", str(size // 10), "--memory", "64M", env=env)
+        mounts.append(sm)
+        run_py(LOAD_FILE, sm.mnt / "model.safetensors")
+        r["mlfs cold load_file, cache 1/10 of the model (mount + load)"] = time.perf_counter() - t
+        status = Path(f"/proc/{sm.pid}/status").read_text()
+        hwm = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+        r["mount peak RSS, cache 1/10 of the model (MiB)"] = hwm / 1024
+        r["mount budgets: --memory + in flight (MiB)"] = (memory + inflight) / (1 << 20)
+        sm.close()
+
         log("MiniLM through transformers")
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
         import model_family
@@ -339,11 +381,19 @@ def main() -> None:
             "v2 after v1 vs max(delta / link, warm), whole processes": r["mlfs v2 after v1 (switch + load)"] / max(
                 delta * 8 / (args.mbit * 1e6), r["mlfs warm load_file, whole process"]),
             "minilm cold vs local": r["minilm mlfs cold (mount + from_pretrained)"] / r["minilm local from_pretrained"],
+            "cache 1/10 of the model: cold vs s5cmd + load":
+                r["mlfs cold load_file, cache 1/10 of the model (mount + load)"] / r["s5cmd + load_file"],
+            "mount peak RSS over its budgets (MiB; target <= 150)":
+                r["mount peak RSS, cache 1/10 of the model (MiB)"] - r["mount budgets: --memory + in flight (MiB)"],
             "cpu/GiB cold mlfs (mount + reader)": r["mlfs cold load_file cpu (mount + reader)"] / gib,
             "cpu/GiB warm mlfs (mount + reader)": r["mlfs warm cpu (mount + reader)"] / gib,
             "cpu/GiB s5cmd + load": r["s5cmd + load cpu"] / gib,
             "cpu/GiB Run:ai": r["runai cpu"] / gib,
         }
+        if "rclone mount cold load_file (mount + load)" in r:
+            ratios["cold load_file vs rclone mount"] = \
+                r["mlfs cold load_file (mount + load)"] / r["rclone mount cold load_file (mount + load)"]
+            ratios["cpu/GiB rclone mount + reader"] = r["rclone cpu (mount + reader)"] / gib
         if args.slow_mbit:
             ratios[f"cold at {args.slow_mbit} Mbit/s vs physical limit"] = \
                 r[f"mlfs cold load_file at {args.slow_mbit} Mbit/s"] / r[f"physical limit at {args.slow_mbit} Mbit/s"]

@@ -10,7 +10,7 @@ once.  The boundaries therefore decide the dedup: we cut a safetensors file wher
 - A large tensor's first 512 KiB (its *head*) and last 256 KiB (its *tail*) are chunks of their
   own, so the kernel's read-ahead spilling from one tensor into its neighbours costs an edge, not a
   4 MiB piece, and a reader that takes a few tensors fetches about what it reads
-  (docs/adr/0018-edges.md).
+  (docs/adr/0018-edges-and-lean-start.md).
 - Consecutive tensors smaller than ``small`` are packed into one chunk up to ``pack_limit`` bytes:
   a BERT layer has a dozen 1.5 KB LayerNorm/bias tensors and every chunk costs a store request.
   Packs end at every large tensor, so a pack holds the small tensors of one layer and still
