@@ -7,7 +7,9 @@ default).  The model is LLM-shaped (fp16 attention and embedding, fp32 MLP, smal
 a v2 changes 1/6 of its tensors.  Every load reads every byte into the process (``load_file`` then
 a copy of each tensor, as ``load_state_dict`` would; or ``safe_open`` + ``get_tensor`` in key order).
 Peers in the same run: s5cmd download + local load, Run:ai's model streamer (S3 → memory), the
-local disk.  Cold figures are whole wall times as a user meets them: mount start plus the loading
+local disk, ``rclone mount`` (if installed).  Also: v2 after v1 with a warm switch and with
+``switch --no-warm``; the mount's peak RSS with a cache a tenth of the model; the 100 Mbit/s pass
+with s5cmd beside it; and a loopback pass (s3rver on 127.0.0.1) against Run:ai.  Cold figures are whole wall times as a user meets them: mount start plus the loading
 process (interpreter and torch start included), s5cmd's download plus the same process, Run:ai's
 process; warm and hot compare the load timed inside the process with the local disk's.  Then MiniLM through ``transformers.AutoModel.from_pretrained``.  Ratios are within
 this run; absolute times move up to 2x between runs on this VM.  Needs root.
@@ -155,6 +157,7 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=544)
     ap.add_argument("--mbit", type=int, default=1000)
     ap.add_argument("--slow-mbit", type=int, default=100, help="0 skips the slow-link pass")
+    ap.add_argument("--no-loopback", action="store_true", help="skip the loopback pass")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--mount-args", default="", help="extra mlfs mount options (A/B experiments)")
     args = ap.parse_args()
@@ -280,6 +283,8 @@ def main() -> None:
                 r["mlfs warm cpu (mount + reader)"] = w.cpu() - cpu0 + reader_cpu
                 r["mlfs hot load_file"] = run_py(LOAD_FILE, w.mnt / "model.safetensors")[0][0]
                 log("v2 after v1")
+                # The same host state for the --no-warm pass below: v1 cached, v2's delta not.
+                shutil.copytree(work / "cache-load_file", work / "cache-nowarm")
                 drop_caches()
                 t = time.perf_counter()
                 subprocess.run([PY, "-m", "mlfs", "switch", str(w.mnt), str(work / "v2.json")],
@@ -287,6 +292,17 @@ def main() -> None:
                 load = run_py(LOAD_FILE, w.mnt / "model.safetensors")[0][0]
                 r["mlfs v2 after v1 (switch + load)"] = time.perf_counter() - t
                 w.close()
+                log("v2 after v1, switch --no-warm (flip first, delta in the background)")
+                nw = Mount(work / "mnt-nowarm", work / "cache-nowarm", "--store", store, "--id",
+                           "llm", "--version", "v1", env=env)
+                mounts.append(nw)
+                drop_caches()
+                t = time.perf_counter()
+                subprocess.run([PY, "-m", "mlfs", "switch", str(nw.mnt), str(work / "v2.json"),
+                                "--no-warm"], env=env, check=True, capture_output=True)
+                run_py(LOAD_FILE, nw.mnt / "model.safetensors")
+                r["mlfs v2 after v1, --no-warm (switch + load)"] = time.perf_counter() - t
+                nw.close()
             m.close()
 
         log("mlfs cold with --prefetch all (the whole model streams from mount time)")
@@ -368,7 +384,49 @@ def main() -> None:
             r[f"mlfs cold load_file at {args.slow_mbit} Mbit/s"] = time.perf_counter() - t
             r[f"physical limit at {args.slow_mbit} Mbit/s"] = size * 8 / (args.slow_mbit * 1e6)
             s.close()
+            log(f"s5cmd download + load on {args.slow_mbit} Mbit/s")
+            drop_caches()
+            t = time.perf_counter()
+            subprocess.run([S5CMD, "--endpoint-url", endpoint, "cp",
+                            "s3://bench/raw/model.safetensors", str(dl)], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            run_py(LOAD_FILE, dl)
+            r[f"s5cmd + load_file at {args.slow_mbit} Mbit/s"] = time.perf_counter() - t
             link.shape(args.mbit)
+
+        if not args.no_loopback:
+            log("loopback: s3rver on 127.0.0.1 (CPU-bound: server, mount and reader share 2 cores)")
+            from _common import free_port, wait_port
+
+            port = free_port()
+            (work / "s3-lo").mkdir(exist_ok=True)
+            lo = subprocess.Popen([S3RVER, "--address", "127.0.0.1", "--port", str(port),
+                                   "--directory", str(work / "s3-lo"), "--silent",
+                                   "--configure-bucket", "bench"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            lo_env = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+            try:
+                wait_port(port, lo)
+                subprocess.run([S5CMD, "--endpoint-url", lo_env["AWS_ENDPOINT_URL"], "cp", str(path1),
+                                "s3://bench/raw/"], env=lo_env, check=True, stdout=subprocess.DEVNULL)
+                subprocess.run([PY, "-m", "mlfs", "generate", str(v1), "--store", store, "--id",
+                                "llm", "--version", "v1"], env=lo_env, check=True, capture_output=True)
+                drop_caches()
+                t = time.perf_counter()
+                run_py(RUNAI, "s3://bench/raw/model.safetensors", env=lo_env)
+                r["loopback Run:ai"] = time.perf_counter() - t
+                shutil.rmtree(work / "cache-lo", ignore_errors=True)
+                drop_caches()
+                t = time.perf_counter()
+                lm = Mount(work / "mnt-lo", work / "cache-lo", "--store", store, "--id", "llm",
+                           "--version", "v1", env=lo_env)
+                mounts.append(lm)
+                run_py(LOAD_FILE, lm.mnt / "model.safetensors")
+                r["loopback mlfs cold load_file (mount + load)"] = time.perf_counter() - t
+                lm.close()
+            finally:
+                lo.terminate()
+                lo.wait(10)
 
         gib = size / GiB
         ratios = {
@@ -380,6 +438,9 @@ def main() -> None:
             "hot vs local hot (in-process load times)": r["mlfs hot load_file"] / r["local hot load_file"],
             "v2 after v1 vs max(delta / link, warm), whole processes": r["mlfs v2 after v1 (switch + load)"] / max(
                 delta * 8 / (args.mbit * 1e6), r["mlfs warm load_file, whole process"]),
+            "v2 after v1, switch --no-warm, vs max(delta / link, warm)":
+                r["mlfs v2 after v1, --no-warm (switch + load)"] / max(
+                    delta * 8 / (args.mbit * 1e6), r["mlfs warm load_file, whole process"]),
             "minilm cold vs local": r["minilm mlfs cold (mount + from_pretrained)"] / r["minilm local from_pretrained"],
             "cache 1/10 of the model: cold vs s5cmd + load":
                 r["mlfs cold load_file, cache 1/10 of the model (mount + load)"] / r["s5cmd + load_file"],
@@ -390,6 +451,9 @@ def main() -> None:
             "cpu/GiB s5cmd + load": r["s5cmd + load cpu"] / gib,
             "cpu/GiB Run:ai": r["runai cpu"] / gib,
         }
+        if "loopback Run:ai" in r:
+            ratios["loopback: cold load_file vs Run:ai"] = \
+                r["loopback mlfs cold load_file (mount + load)"] / r["loopback Run:ai"]
         if "rclone mount cold load_file (mount + load)" in r:
             ratios["cold load_file vs rclone mount"] = \
                 r["mlfs cold load_file (mount + load)"] / r["rclone mount cold load_file (mount + load)"]
@@ -397,6 +461,10 @@ def main() -> None:
         if args.slow_mbit:
             ratios[f"cold at {args.slow_mbit} Mbit/s vs physical limit"] = \
                 r[f"mlfs cold load_file at {args.slow_mbit} Mbit/s"] / r[f"physical limit at {args.slow_mbit} Mbit/s"]
+            ratios[f"s5cmd + load at {args.slow_mbit} Mbit/s vs physical limit"] = \
+                r[f"s5cmd + load_file at {args.slow_mbit} Mbit/s"] / r[f"physical limit at {args.slow_mbit} Mbit/s"]
+            ratios[f"cold at {args.slow_mbit} Mbit/s vs s5cmd + load"] = \
+                r[f"mlfs cold load_file at {args.slow_mbit} Mbit/s"] / r[f"s5cmd + load_file at {args.slow_mbit} Mbit/s"]
         print(json.dumps({"figures": {k: round(v, 3) for k, v in r.items()},
                           "ratios": {k: round(v, 3) for k, v in ratios.items()}}, indent=1))
     finally:

@@ -251,8 +251,9 @@ def export(manifest, dest_dir, store_url, endpoint_url, model_id, version, force
               help="Seconds after which a read of an unobtainable chunk fails with EIO.")
 @click.option("--read-ahead", default=config.DEFAULT_READ_AHEAD, show_default=True,
               help="Kernel read-ahead of the mount (larger streams faster, smaller stays lazier).")
-@click.option("--no-warm", is_flag=True, help="On a switch, flip at once and fetch lazily "
-              "(default: fetch the new version's missing chunks first).")
+@click.option("--no-warm", is_flag=True, help="On a switch, flip at once and fetch the new "
+              "version's missing chunks in the background (default: fetch them first, and stay "
+              "on the old version if that fails).")
 @click.option("--digest", help="Serve (and switch to) only a manifest with this digest.")
 @click.option("--poll", default=config.DEFAULT_CATALOG_POLL, show_default=True,
               type=click.FloatRange(min=0.1),
@@ -617,7 +618,8 @@ def alias_ls(store_url, endpoint_url, model_id):
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
 @click.argument("manifest", required=False)
 @_manifest_args
-@click.option("--no-warm", is_flag=True, help="Flip at once; fetch the new chunks lazily.")
+@click.option("--no-warm", is_flag=True, help="Flip at once; fetch the new chunks in the "
+              "background (reads first).")
 @click.option("--digest", help="Refuse the switch unless the manifest has this digest.")
 @click.option("--allow-model-change", is_flag=True,
               help="Allow switching to a manifest of another model id.")

@@ -3,7 +3,9 @@
 The semantics (docs/adr/0006-switch.md):
 
 - warm first: the chunks of the new version that the host does not hold are fetched before the flip
-  (``warm=False`` flips at once and fetches lazily);
+  (``warm=False`` flips at once and fetches them in the background, reads first: a loader started
+  right after the switch overlaps its own start with the fetch, but a store that fails mid-way
+  leaves the new version's reads to fail, where a warm switch would have stayed on the old one);
 - the flip is one assignment of ``ops.tree`` in the trio thread: lookups and opens after it see the
   new version; a handle opened before it keeps its ``FileEntry`` and reads the old version to the end;
 - unchanged files keep their inode numbers (``tree.Inodes``) and so their kernel page cache; the
@@ -55,14 +57,28 @@ class Switcher:
         self.on_switch: Callable[[dict], None] | None = None
         self._lock = trio.Lock()  # one switch at a time
 
-    async def _warm(self, files: list[mf.FileEntry]) -> None:
+    def _missing(self, files: list[mf.FileEntry]) -> list[tuple[str, int, str]]:
         need: dict[str, tuple[str, int, str]] = {}
         cache = self.source.cache
         for f in files:
             for cid, size in zip(f.chunk_ids, f.chunk_sizes):
                 if cid not in need and self.source.peek(cid) is None and not cache.contains(cid):
                     need[cid] = (cid, size, f.path)
-        await self.source.warm(list(need.values()))
+        return list(need.values())
+
+    async def _warm(self, files: list[mf.FileEntry]) -> None:
+        await self.source.warm(self._missing(files))
+
+    async def _fill(self, files: list[mf.FileEntry], label: str) -> None:
+        """After a switch that did not warm: fetch what the new version lacks, as background
+        work (reads jump its queue).  A chunk that cannot be had now is left to the read that
+        needs it."""
+        try:
+            await self.source.warm(await trio.to_thread.run_sync(self._missing, files),
+                                   background=True)
+            log.info("background fetch of %s: done", label)
+        except MlfsError as e:
+            log.warning("background fetch of %s: %s (reads will fetch what is missing)", label, e)
 
     def _discard(self, new: Tree) -> None:
         """Give back the inode numbers a tree that was never served took."""
@@ -105,6 +121,9 @@ class Switcher:
             log.info("switched %s -> %s: fetched %d bytes, warm %.3fs, flip %.3fs", result["from"],
                      result["to"], result["bytes_fetched"], t1 - t0, t2 - t1)
             self.ops.info["switches"] = self.ops.info.get("switches", 0) + 1
+            if not warm:
+                self.ops.supervisor.start(f"background fetch of {result['to']}",
+                                          lambda: self._fill(new.files, result["to"]))
             if self.on_switch is not None:
                 self.on_switch(result)
             return result

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import generate_into, run_mlfs, sha, wait_for
+from conftest import generate_into, run_mlfs, same_tree, sha, wait_for
 from mlfs import manifest as mf
 from mlfs.generate import generate
 
@@ -79,7 +79,8 @@ def test_replacing_the_manifest_file_switches_and_old_handles_stay_consistent(
     assert s["previous"] == "minilm@v2" and s["last_switch"]["bytes_fetched"] == 0
 
 
-def test_switch_fetches_the_diff_and_switching_back_is_free(store, two_versions, mounter, tmp_path):
+def test_switch_fetches_the_diff_and_switching_back_is_free(store, two_versions, mounter, tmp_path,
+                                                            family):
     a, b = two_versions
     mnt = mounter("--manifest", a, "--cache-dir", tmp_path / "c")
     for f in mf.loads(a.read_bytes()).files:  # hold all of v1, as a host serving it would
@@ -96,10 +97,17 @@ def test_switch_fetches_the_diff_and_switching_back_is_free(store, two_versions,
     again = json.loads(run_mlfs("switch", mnt.mountpoint, "--store", store.url, "--version", "v2",
                                 "--json").stdout)
     assert again["to"] == "minilm@v2" and again["bytes_fetched"] == 0
-    # --no-warm flips without fetching; reads then fetch lazily.
+    # --no-warm flips before fetching; the new chunks then arrive in the background.
     fresh = mounter("--manifest", a, "--cache-dir", tmp_path / "c2", name="fresh")
+    before = fresh.stats()["bytes_fetched"]
     lazy = json.loads(run_mlfs("switch", fresh.mountpoint, b, "--no-warm", "--json").stdout)
     assert lazy["bytes_fetched"] == 0 and fresh.stats()["version"] == "v2"
+    wait_for(lambda: "background fetch of minilm@v2: done" in fresh.log.read_text(),
+             what="the background fetch after --no-warm")
+    fetched = fresh.stats()["bytes_fetched"]
+    assert fetched > before
+    same_tree(fresh.mountpoint, family["v2"])
+    assert fresh.stats()["bytes_fetched"] == fetched  # it had brought everything v2 needs
 
 
 def test_a_broken_manifest_leaves_the_mount_on_its_version(store, two_versions, mounter, tmp_path,
