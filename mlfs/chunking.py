@@ -7,10 +7,10 @@ once.  The boundaries therefore decide the dedup: we cut a safetensors file wher
 - The header (8-byte length + JSON) is one chunk of its own.
 - A tensor larger than ``piece_size`` is cut into ``piece_size`` pieces counted from the tensor's own
   start, so an embedding that grew by appended rows still shares all its old full pieces.
-- A large tensor's first 512 KiB (its *head*) and last 256 KiB (its *tail*) are chunks of their
-  own, so the kernel's read-ahead spilling from one tensor into its neighbours costs an edge, not a
-  4 MiB piece, and a reader that takes a few tensors fetches about what it reads
-  (docs/adr/0018-edges-and-lean-start.md).
+- A large tensor's first 512 KiB (its *head*) and last 256 KiB (its *tail*) are split off its
+  first and last pieces as chunks of their own, so the kernel's read-ahead spilling from one
+  tensor into its neighbours costs an edge, not a 4 MiB piece, and a reader that takes a few
+  tensors fetches about what it reads (docs/adr/0018-edges-and-lean-start.md).
 - Consecutive tensors smaller than ``small`` are packed into one chunk up to ``pack_limit`` bytes:
   a BERT layer has a dozen 1.5 KB LayerNorm/bias tensors and every chunk costs a store request.
   Packs end at every large tensor, so a pack holds the small tensors of one layer and still
@@ -96,15 +96,23 @@ def fixed_spans(begin: int, end: int, piece: int) -> list[tuple[int, int]]:
 
 def region_pieces(begin: int, end: int, piece: int,
                   edges: tuple[int, int] = (0, 0)) -> list[tuple[int, int]]:
-    """The pieces of one large region: with ``edges = (head, tail)``, its first *head* and last
-    *tail* bytes on their own (when it is longer than both), the rest in *piece*-sized pieces
-    counted from the end of the head — so rows appended to a tensor still leave all its earlier
-    full pieces shared."""
+    """The pieces of one large region: *piece*-sized pieces counted from its start (so rows
+    appended to a tensor leave all its earlier full pieces shared), and with ``edges = (head,
+    tail)`` its first *head* bytes and its last *tail* bytes split off as pieces of their own.
+    The split points lie on the same grid as without edges, so edges cost dedup nothing but
+    the tail that changes with the last piece.  A last piece of at most twice *tail* is left
+    whole (the tail would only split off a sliver)."""
+    pieces = fixed_spans(begin, end, piece)
     head, tail = edges
-    if head <= 0 or end - begin <= head + tail:
-        return fixed_spans(begin, end, piece)
-    pieces = [(begin, begin + head), *fixed_spans(begin + head, end - tail, piece)]
-    return pieces + [(end - tail, end)] if tail > 0 else pieces
+    if head <= 0 or end - begin <= head + 2 * tail:
+        return pieces
+    a, b = pieces[0]
+    if b - a > head:
+        pieces[0:1] = [(a, a + head), (a + head, b)]
+    a, b = pieces[-1]
+    if tail > 0 and b - a > 2 * tail:
+        pieces[-1:] = [(a, b - tail), (b - tail, b)]
+    return pieces
 
 
 def generic_spans(size: int, piece: int = GENERIC_PIECE_SIZE) -> list[tuple[int, int]]:
@@ -134,8 +142,8 @@ def region_spans(regions: list[tuple[int, int]], begin: int, end: int, *,
     ``"separate"`` gives each its own chunk, ``"pack"`` puts the run in one chunk (at most
     *pack_limit* bytes), ``"glue"`` prepends the run to the first piece of the next large region
     (or appends it to the last piece of the previous one at the end).  A region of *small* or more
-    is cut into *piece*-sized pieces counted from its own start, after its head and before its
-    tail (*edges*, see :func:`region_pieces`).  Bytes outside every region are cut into fixed
+    is cut into *piece*-sized pieces counted from its own start, with its head and tail split
+    off (*edges*, see :func:`region_pieces`).  Bytes outside every region are cut into fixed
     pieces of their own.
     """
     spans: list[tuple[int, int]] = []

@@ -79,14 +79,16 @@ def test_small_tensor_policies_cover_the_file(policy):
 
 
 def test_large_tensors_have_a_head_and_a_tail_of_their_own():
-    """docs/adr/0018: read-ahead spilling into a neighbour costs its head or tail, not a piece;
-    the small run before a tensor joins its head; pieces between stay aligned to the head."""
-    ts = [Tensor("norm", 10, 14), Tensor("big", 14, 214), Tensor("mid", 214, 238),
-          Tensor("odd", 238, 254)]
+    """docs/adr/0018: read-ahead spilling into a neighbour costs its head or tail, not a piece.
+    Head and tail are split off the first and last pieces, on the grid pieces have without
+    them; the small run before a tensor joins its head."""
+    ts = [Tensor("norm", 10, 14), Tensor("big", 14, 230), Tensor("mid", 230, 254)]
     spans = safetensors_spans(10, ts, 254, piece=64, small=8, edges=(16, 8))
     covers(spans, 254)
-    assert spans == [(0, 10), (10, 30), (30, 94), (94, 158), (158, 206), (206, 214),
-                     (214, 238), (238, 254)]  # "mid" and "odd" are not longer than both edges
+    assert spans == [(0, 10), (10, 30), (30, 78), (78, 142), (142, 206), (206, 222), (222, 230),
+                     (230, 254)]  # "mid" is not longer than a head and two tails: one piece
+    plain = safetensors_spans(10, ts, 254, piece=64, small=8, edges=(0, 0))
+    assert {(78, 142), (142, 206)} <= set(plain)  # the same grid
 
 
 @settings(max_examples=200, deadline=None)

@@ -112,8 +112,8 @@ def test_family_dedup_and_regenerate_uploads_nothing(store, family, tmp_path):
         have |= set(new)
         assert res.dedup_bytes > 0.8 * res.logical_bytes, (variant, res.new_bytes)
 
-    # The grown embedding shares every full piece of the old one (its tail, and the piece before
-    # it, end where the old rows ended).
+    # The grown embedding shares every full piece of the old one (its last piece and tail end
+    # where the old rows ended).
     old = next(f for f in v1.manifest.files if f.path == "model.safetensors")
     vocab = mf.loads(store.get_manifest_bytes("minilm", "vocab"))
     new = next(f for f in vocab.files if f.path == "model.safetensors")
