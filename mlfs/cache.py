@@ -94,6 +94,11 @@ class ChunkCache:
         self.corrupt = 0  # corrupt files found (and removed) by this process
         self.write_errors = 0
         self._local = threading.local()
+        # Last-access times waiting to be written: one transaction per batch, not one per load (a
+        # write per chunk load held the index's write lock for ~1 s of thread time per warm GiB).
+        self._atimes: dict[str, float] = {}
+        self._atimes_lock = threading.Lock()
+        self._atimes_flushed = time.monotonic()
         try:
             # What the cache creates only its user can write, whatever the umask (seals, ADR 0009).
             self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -170,11 +175,40 @@ class ChunkCache:
             self.corrupt += 1
             self._remove(chunk_id)
             return None
-        try:
-            self._db().execute("UPDATE chunks SET atime = ? WHERE id = ?", [time.time(), chunk_id])
-        except sqlite3.Error:
-            pass  # an LRU hint only
+        self._touch(chunk_id)
         return data
+
+    #: Last-access times are written in batches of this many, or after this many seconds.
+    ATIME_BATCH, ATIME_SECONDS = 256, 2.0
+
+    def _touch(self, chunk_id: str) -> None:
+        with self._atimes_lock:
+            self._atimes[chunk_id] = time.time()
+            due = (len(self._atimes) >= self.ATIME_BATCH
+                   or time.monotonic() - self._atimes_flushed >= self.ATIME_SECONDS)
+        if due:
+            self.flush_atimes()
+
+    def flush_atimes(self) -> None:
+        """Write the pending last-access times (the LRU order) in one transaction.  They are a
+        hint only: a crash loses at most a batch of them, and eviction order shifts slightly."""
+        with self._atimes_lock:
+            batch, self._atimes = self._atimes, {}
+            self._atimes_flushed = time.monotonic()
+        if not batch:
+            return
+        db = self._db()
+        try:
+            db.execute("BEGIN")
+            db.executemany("UPDATE chunks SET atime = ? WHERE id = ?",
+                           [(t, cid) for cid, t in batch.items()])
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            log.debug("cache: last-access times not written: %s", e)
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def size_of(self, chunk_id: str) -> int | None:
         """The content size of a cached chunk (its file less the seal), or None if not cached."""
@@ -226,6 +260,7 @@ class ChunkCache:
         size = len(data) + SEAL  # what the file takes on disk
         if size > self.max_bytes:
             return False
+        self.flush_atimes()  # eviction below must see this process's latest accesses
         final = self.path(chunk_id)
         tmp = self.root / "tmp" / f"{chunk_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
@@ -323,6 +358,7 @@ class ChunkCache:
     def shrink(self, target: int) -> int:
         db = self._db()
         n = 0
+        self.flush_atimes()
         db.execute("BEGIN IMMEDIATE")
         try:
             total = db.execute("SELECT bytes FROM totals").fetchone()[0]

@@ -210,6 +210,7 @@ class ChunkSource:
     def flush(self) -> None:
         """Wait until every fetched chunk was offered to the disk cache (before unmounting)."""
         self._writer.shutdown(wait=True)
+        self.cache.flush_atimes()
 
     async def warm(self, chunks: list[tuple[str, int, str]], background: bool = False) -> None:
         """Load ``(chunk id, size, file path)`` chunks with bounded concurrency; raise the first

@@ -7,6 +7,8 @@ test_faults.py; here the cache is called directly, with O_DIRECT on and off.
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 
 import blake3
 import pytest
@@ -108,6 +110,22 @@ def test_budget_is_kept_by_evicting_least_recently_used(tmp_path):
     st = c.stats()
     assert st["bytes"] <= 3 * ((1 << 20) + SEAL) and st["chunks"] == 3
     assert [c.contains(i) for i in ids] == [True, False, True, True]
+
+
+def test_last_access_times_are_written_in_batches(tmp_path):
+    """A warm load reads hundreds of chunks a second; one index write per load held the write
+    lock for ~1 s of thread time per GiB.  Loads now queue their access time; a batch, an
+    eviction or flush_atimes (unmount) writes them in one transaction."""
+    c = ChunkCache(tmp_path / "cache", 1 << 30)
+    cid, data = chunk(1 << 10)
+    assert c.put(cid, data)
+    db = sqlite3.connect(tmp_path / "cache" / "index.db")
+    (before,) = db.execute("SELECT atime FROM chunks WHERE id = ?", [cid]).fetchone()
+    time.sleep(0.01)
+    assert c.get(cid, len(data)) is not None
+    assert db.execute("SELECT atime FROM chunks WHERE id = ?", [cid]).fetchone()[0] == before
+    c.flush_atimes()
+    assert db.execute("SELECT atime FROM chunks WHERE id = ?", [cid]).fetchone()[0] > before
 
 
 @pytest.mark.parametrize("direct", [True, False])
