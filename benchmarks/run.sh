@@ -21,6 +21,7 @@ echo "== cache file I/O (benchmarks/cache_io.py)"; $PY benchmarks/cache_io.py
 echo "== mount vs peers (benchmarks/mount_bench.py)"; $PY benchmarks/mount_bench.py
 echo "== read-path A/B (benchmarks/read_path_ab.py)"; $PY benchmarks/read_path_ab.py
 echo "== GET size vs S3 server CPU (benchmarks/request_size.py)"; $PY benchmarks/request_size.py
+echo "== the mount's GET client vs obstore (benchmarks/get_client.py)"; $PY benchmarks/get_client.py
 echo "== CPU budget behind the unmet targets (benchmarks/bounds.py)"; $PY benchmarks/bounds.py
 echo "== loads over a shaped link vs s5cmd, Run:ai, local disk (benchmarks/load_bench.py)"; $PY benchmarks/load_bench.py
 echo "== fleet rollout over a shaped WAN (benchmarks/fleet_bench.py)"; $PY benchmarks/fleet_bench.py
