@@ -152,6 +152,20 @@ class Mount:
             time.sleep(0.05)
 
 
+def cold_load(work: Path, name: str, store: str, mounts: list[Mount], env, *args: str,
+              code: str = LOAD_FILE) -> tuple[float, Mount]:
+    """A load through a new mount with an empty cache and the page cache dropped: the whole wall
+    time (mount start included) and the mount, still up (in *mounts*, for the caller to close)."""
+    shutil.rmtree(work / f"cache-{name}", ignore_errors=True)
+    drop_caches()
+    t = time.perf_counter()
+    m = Mount(work / f"mnt-{name}", work / f"cache-{name}", "--store", store, "--id", "llm",
+              "--version", "v1", *args, env=env)
+    mounts.append(m)
+    run_py(code, m.mnt / "model.safetensors")
+    return time.perf_counter() - t, m
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=544)
@@ -306,14 +320,8 @@ def main() -> None:
             m.close()
 
         log("mlfs cold with --prefetch all (the whole model streams from mount time)")
-        shutil.rmtree(work / "cache-all", ignore_errors=True)
-        drop_caches()
-        t = time.perf_counter()
-        a = Mount(work / "mnt-all", work / "cache-all", "--store", store, "--id", "llm",
-                  "--version", "v1", "--prefetch", "all", env=env)
-        mounts.append(a)
-        run_py(LOAD_FILE, a.mnt / "model.safetensors")
-        r["mlfs cold load_file --prefetch all (mount + load)"] = time.perf_counter() - t
+        r["mlfs cold load_file --prefetch all (mount + load)"], a = cold_load(
+            work, "all", store, mounts, env, "--prefetch", "all")
         a.close()
 
         log("partial: 10% of the tensors, random order")
@@ -338,15 +346,9 @@ def main() -> None:
         p.close()
 
         log("mlfs cold with a cache a tenth of the model (peak RSS of the mount)")
-        shutil.rmtree(work / "cache-small", ignore_errors=True)
-        drop_caches()
         memory, inflight = 64 << 20, 256 << 20  # --memory; the in-flight budget (fetch.py default)
-        t = time.perf_counter()
-        sm = Mount(work / "mnt-small", work / "cache-small", "--store", store, "--id", "llm",
-                   "--version", "v1", "--cache-size", str(size // 10), "--memory", "64M", env=env)
-        mounts.append(sm)
-        run_py(LOAD_FILE, sm.mnt / "model.safetensors")
-        r["mlfs cold load_file, cache 1/10 of the model (mount + load)"] = time.perf_counter() - t
+        r["mlfs cold load_file, cache 1/10 of the model (mount + load)"], sm = cold_load(
+            work, "small", store, mounts, env, "--cache-size", str(size // 10), "--memory", "64M")
         status = Path(f"/proc/{sm.pid}/status").read_text()
         hwm = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
         r["mount peak RSS, cache 1/10 of the model (MiB)"] = hwm / 1024
@@ -375,16 +377,10 @@ def main() -> None:
         if args.slow_mbit:
             log(f"mlfs cold on {args.slow_mbit} Mbit/s")
             link.shape(args.slow_mbit)
-            shutil.rmtree(work / "cache-slow", ignore_errors=True)
-            drop_caches()
-            t = time.perf_counter()
-            s = Mount(work / "mnt-slow", work / "cache-slow", "--store", store, "--id", "llm",
-                      "--version", "v1", env=env)
-            mounts.append(s)
-            run_py(LOAD_FILE, s.mnt / "model.safetensors")
-            r[f"mlfs cold load_file at {args.slow_mbit} Mbit/s"] = time.perf_counter() - t
+            r[f"mlfs cold load_file at {args.slow_mbit} Mbit/s"], sl = cold_load(
+                work, "slow", store, mounts, env)
             r[f"physical limit at {args.slow_mbit} Mbit/s"] = size * 8 / (args.slow_mbit * 1e6)
-            s.close()
+            sl.close()
             log(f"s5cmd download + load on {args.slow_mbit} Mbit/s")
             drop_caches()
             t = time.perf_counter()
@@ -416,14 +412,8 @@ def main() -> None:
                 t = time.perf_counter()
                 run_py(RUNAI, "s3://bench/raw/model.safetensors", env=lo_env)
                 r["loopback Run:ai"] = time.perf_counter() - t
-                shutil.rmtree(work / "cache-lo", ignore_errors=True)
-                drop_caches()
-                t = time.perf_counter()
-                lm = Mount(work / "mnt-lo", work / "cache-lo", "--store", store, "--id", "llm",
-                           "--version", "v1", env=lo_env)
-                mounts.append(lm)
-                run_py(LOAD_FILE, lm.mnt / "model.safetensors")
-                r["loopback mlfs cold load_file (mount + load)"] = time.perf_counter() - t
+                r["loopback mlfs cold load_file (mount + load)"], lm = cold_load(
+                    work, "lo", store, mounts, lo_env)
                 lm.close()
             finally:
                 lo.terminate()
