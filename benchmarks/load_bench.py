@@ -346,7 +346,7 @@ def main() -> None:
         p.close()
 
         log("mlfs cold with a cache a tenth of the model (peak RSS of the mount)")
-        memory, inflight = 64 << 20, 256 << 20  # --memory; the in-flight budget (fetch.py default)
+        memory = inflight = 64 << 20  # --memory, and as much again in flight
         r["mlfs cold load_file, cache 1/10 of the model (mount + load)"], sm = cold_load(
             work, "small", store, mounts, env, "--cache-size", str(size // 10), "--memory", "64M")
         status = Path(f"/proc/{sm.pid}/status").read_text()

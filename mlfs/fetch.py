@@ -82,8 +82,8 @@ class ChunkSource:
                  memory_bytes: int = config.parse_size(config.DEFAULT_MEMORY),
                  inflight_bytes: int | None = None, fetch_limit: int = 16,
                  background_limit: int = 12, timeout: float = config.DEFAULT_READ_TIMEOUT) -> None:
-        if inflight_bytes is None:
-            inflight_bytes = config.parse_size(config.DEFAULT_MEMORY)
+        if inflight_bytes is None:  # --memory promises "as much again for data in flight"
+            inflight_bytes = memory_bytes
         self.store = store
         self.cache = cache
         self.counters = Counters()
