@@ -4,18 +4,17 @@ happening?  Pure: :mod:`mlfs.fs` feeds it reads and acts on its answer (docs/adr
 A loader (``safetensors.load_file`` then a copy, ``load_state_dict``, transformers, llama.cpp)
 touches every tensor, one at a time, through mmap, in *its* order: key order (sorted names) or file
 order.  Through FUSE that is a chain of page faults, each a round trip, with the link idle between
-tensors.  Once a load is recognised the mount streams the rest of the file in file order at full
-concurrency, while the reader's own misses keep their priority.
+tensors.  Once a load is recognised the mount streams the rest of the file in the loader's order
+(:func:`stream_order`), while the reader's own misses keep their priority.
 
 A reader that takes a few tensors must not pull the model, so the signal is strict: the last
 ``run`` tensors of at least ``min_tensor`` bytes that the reader finished reading (every block of
 them touched) follow each other — each one or two places after the one before — in file order or
 in name order (a loader's two orders).  A reader picking k of n large tensors at random meets that
 by chance with probability about 2·(2/n)^(run-1) per window: for n = 300 and run = 4, one in three
-million.  ``min_tensor`` (2 MiB) is over five times the spill of the kernel's read-ahead past the end
-of a tensor (~384 KiB at the default 128 KiB window, docs/adr/0018), so read-ahead never finishes
-the next tensor, and small tensors (norms,
-biases) are not counted at all.  A file with fewer than ``run`` large tensors is left to the lazy
+million.  ``min_tensor`` (2 MiB) is over five times the spill of the kernel's read-ahead past the
+end of a tensor (~384 KiB at the default 128 KiB window, docs/adr/0018), so read-ahead never
+finishes the next tensor, and small tensors (norms, biases) are not counted at all.  A file with fewer than ``run`` large tensors is left to the lazy
 path (and to ``--prefetch all``).
 """
 

@@ -74,8 +74,8 @@ class Switcher:
         work (reads jump its queue).  A chunk that cannot be had now is left to the read that
         needs it."""
         try:
-            await self.source.warm(await trio.to_thread.run_sync(self._missing, files),
-                                   background=True)
+            # On the event loop: _missing peeks at the memory LRU, which only this thread touches.
+            await self.source.warm(self._missing(files), background=True)
             log.info("background fetch of %s: done", label)
         except MlfsError as e:
             log.warning("background fetch of %s: %s (reads will fetch what is missing)", label, e)
