@@ -108,6 +108,10 @@ def prefetch_set(manifest: Manifest) -> list[tuple[str, int, str]]:
     return list(out.values())
 
 
+#: malloc arenas (heaps) the daemon's threads share; see _reuse_freed_memory.
+MALLOC_ARENAS = 2
+
+
 def _reuse_freed_memory() -> None:
     """Let malloc hand freed chunk buffers out again instead of mapping fresh memory each time.
 
@@ -115,8 +119,12 @@ def _reuse_freed_memory() -> None:
     mapping is a page fault and a zeroed page: measured here, 0.3 s of kernel CPU per GiB of chunks
     loaded (docs/adr/0008).  A fixed threshold above the largest chunk (64 MiB) keeps chunk buffers in
     malloc's heaps, and a 128 MiB trim threshold stops the heap from being handed back and faulted
-    in again between chunks.  Memory stays bounded by ``--memory`` and the in-flight budget.
-    No-op where mallopt is missing (not glibc).
+    in again between chunks.
+
+    Every heap keeps up to that much freed, though, and glibc gives threads heaps (arenas) of
+    their own, up to 8 per core: a ``--memory 64M`` mount loading a model ten times its cache
+    peaked at ~300 MiB RSS.  Two arenas (unless ``MALLOC_ARENA_MAX`` says otherwise) measured
+    ~180 MiB (docs/adr/0018).  No-op where mallopt is missing (not glibc).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -124,6 +132,8 @@ def _reuse_freed_memory() -> None:
         return
     mallopt(-3, config.MAX_CHUNK_SIZE)  # M_MMAP_THRESHOLD
     mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
 
 
 def _tune_kernel(mountpoint: str, read_ahead_kb: int) -> dict:
