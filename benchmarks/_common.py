@@ -12,20 +12,27 @@ from pathlib import Path
 import numpy as np
 
 
+def llm_tensors(size: int, rows: int = 4096, cols: int = 4096) -> tuple[dict, int]:
+    """LLM-shaped tensors of about *size* bytes: ``rows x cols`` fp16 matrices, each followed by
+    a small fp32 norm; and the number of layers."""
+    rng = np.random.default_rng(0)
+    tensors, total, i = {}, 0, 0
+    while total < size:
+        tensors[f"layers.{i:03d}.mlp.weight"] = rng.integers(0, 2**16, (rows, cols), dtype=np.uint16).view(np.float16)
+        tensors[f"layers.{i:03d}.norm.weight"] = rng.standard_normal(cols).astype(np.float32)
+        total += rows * cols * 2 + cols * 4
+        i += 1
+    return tensors, i
+
+
 def make_model(d: Path, size: int) -> None:
     """A safetensors checkpoint shaped like an LLM's: 32 MiB fp16 matrices plus small fp32 norms."""
     from safetensors.numpy import save_file
 
     d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    tensors, total, i = {}, 0, 0
-    while total < size:
-        tensors[f"layers.{i:03d}.mlp.weight"] = rng.integers(0, 2**16, (4096, 4096), dtype=np.uint16).view(np.float16)
-        tensors[f"layers.{i:03d}.norm.weight"] = rng.standard_normal(4096).astype(np.float32)
-        total += 4096 * 4096 * 2 + 4096 * 4
-        i += 1
+    tensors, layers = llm_tensors(size)
     save_file(tensors, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps({"layers": i}))
+    (d / "config.json").write_text(json.dumps({"layers": layers}))
 
 
 def drop_caches() -> bool:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ShapedLink, free_port, wait_port  # noqa: E402
+from _common import ShapedLink, free_port, llm_tensors, wait_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -51,17 +51,11 @@ def make_versions(d: Path, size: int) -> tuple[Path, Path]:
     same with every sixth tensor changed."""
     from safetensors.numpy import save_file
 
-    rng = np.random.default_rng(0)
-    tensors, total, i = {}, 0, 0
-    while total < size:
-        tensors[f"layers.{i:03d}.mlp.weight"] = rng.integers(0, 2**16, (1024, 2048), dtype=np.uint16).view(np.float16)
-        tensors[f"layers.{i:03d}.norm.weight"] = rng.standard_normal(2048).astype(np.float32)
-        total += 1024 * 2048 * 2 + 2048 * 4
-        i += 1
+    tensors, layers = llm_tensors(size, rows=1024, cols=2048)
     v1, v2 = d / "v1", d / "v2"
     for v in (v1, v2):
         v.mkdir(parents=True, exist_ok=True)
-        (v / "config.json").write_text(json.dumps({"layers": i}))
+        (v / "config.json").write_text(json.dumps({"layers": layers}))
     save_file(tensors, str(v1 / "model.safetensors"))
     for k in sorted(tensors)[::6]:
         tensors[k] = (tensors[k].view(np.uint16) ^ np.uint16(0x5555)).view(tensors[k].dtype)
