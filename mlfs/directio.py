@@ -1,9 +1,9 @@
 """Chunk files read and written with or without ``O_DIRECT``, through page-aligned buffers.
 
-The cache writes with ``O_DIRECT`` and reads through the page cache (docs/adr/0008-direct-io-cache.md
-has the measurements): a fetched chunk is about to sit in the page cache as part of the mounted
-file, and writing it through the page cache as well costs 1-2 s of kernel CPU per GiB on this VM,
-against about 0.15 s with ``O_DIRECT``; for reads, the kernel's read-ahead made buffered loads faster.
+The cache writes and reads chunk files with ``O_DIRECT`` (docs/adr/0008-direct-io-cache.md and
+0019 have the measurements): a chunk served by a mount sits in the page cache as part of the mounted
+file, and passing it through the page cache a second time costs 1-2 s of kernel CPU per GiB written
+on this VM (0.15 s with ``O_DIRECT``) and ~0.75 s per GiB read (~0.2 s).
 
 ``O_DIRECT`` wants the buffer address and the transfer length aligned (the logical block size; the
 page size is a multiple of every block size in use), so transfers go through a page-aligned staging
@@ -17,6 +17,7 @@ cache; :func:`supported` tells which applies to a directory.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -82,9 +83,9 @@ def _stage(size: int) -> memoryview:
 def read_file(path: str | os.PathLike[str], size: int, direct: bool) -> bytes | None:
     """The file's bytes if it holds exactly *size* bytes; None if it is longer or shorter.
 
-    Raises OSError if it cannot be opened or read.  The cache reads its (sealed) files itself,
-    buffered (ChunkCache._read); this is the plain transfer that ``benchmarks/cache_io.py`` times
-    both ways, which is how buffered reads were chosen (docs/adr/0008).
+    Raises OSError if it cannot be opened or read.  The cache reads its (sealed) files with
+    :func:`read_direct` (ChunkCache._read); this is the plain transfer that
+    ``benchmarks/cache_io.py`` times both ways (docs/adr/0008).
     """
     if not direct:  # no alignment needed: read straight into the bytes object
         with open(path, "rb") as f:
@@ -104,6 +105,42 @@ def read_file(path: str | os.PathLike[str], size: int, direct: bool) -> bytes | 
     finally:
         os.close(fd)
     return bytes(whole[:size]) if got == size else None
+
+
+def read_direct(path: str | os.PathLike[str], limit: int) -> memoryview:
+    """Up to *limit* bytes of the file (fewer if it is shorter), read with ``O_DIRECT`` straight
+    into the buffer that is handed back: a page-aligned window of a ``bytearray``, read-only.
+
+    No staging copy and no page cache: on this VM a buffered load of a chunk file costs ~0.75 s of
+    kernel CPU per GiB (filling the page cache, then copying out of it), this one ~0.2 s
+    (docs/adr/0019).  Raises OSError; ``DirectIOUnsupported`` if the file system refuses
+    ``O_DIRECT``.
+    """
+    fd = os.open(path, os.O_RDONLY | _O_DIRECT)
+    try:
+        n = _round(limit)
+        raw = bytearray(n + PAGE)  # zeroed by malloc's reused heap: cheaper than fresh pages
+        start = -_address(raw) % PAGE
+        window = memoryview(raw)[start:start + n]
+        got = 0
+        try:
+            while got < limit:
+                k = os.preadv(fd, [window[got:]], got)
+                if k == 0:
+                    break
+                got += k
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise DirectIOUnsupported(str(e)) from None
+            raise
+    finally:
+        os.close(fd)
+    return window[:min(got, limit)].toreadonly()
+
+
+def _address(buf: bytearray) -> int:
+    """The address of *buf*'s first byte (to align a window of it for ``O_DIRECT``)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
 def write_file(path: str | os.PathLike[str], data, direct: bool, trailer: bytes = b"") -> None:

@@ -50,6 +50,10 @@ READAHEAD_MAX = 64 << 20
 #: default 128 KiB read-ahead (measured, docs/adr/0018).  Reads that shallow are spill, not a
 #: reader starting the tensor; they cost the tensor's first chunk (its 512 KiB head), no more.
 SPILL = 512 << 10
+#: Chunks a stream brought are pushed into the kernel's page cache (``notify_store``) unless
+#: ``MLFS_PUSH=0`` (for comparisons): the loader's page faults then find the pages there instead of
+#: each waiting for a FUSE round trip (docs/adr/0019).
+PUSH = os.environ.get("MLFS_PUSH", "1") != "0"
 
 
 def _guard(fn):
@@ -110,7 +114,8 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, tree: Tree, source: ChunkSource, info: dict | None = None, *,
-                 inodes: Inodes | None = None, supervisor: Supervisor | None = None) -> None:
+                 inodes: Inodes | None = None, supervisor: Supervisor | None = None,
+                 push: bool = False) -> None:
         super().__init__()
         self.tree = tree
         self.source = source
@@ -126,6 +131,12 @@ class Operations(pyfuse3.Operations):
             OrderedDict()
         self._loads: OrderedDict[tuple[str, str], LoadDetector] = OrderedDict()  # same bound
         self._streams: dict[tuple[str, str], _Stream] = {}  # loads being streamed
+        #: Push streamed chunks into the kernel's page cache (only with a kernel session: the
+        #: in-process tier has none).
+        self.push = push and PUSH
+        self._pusher = trio.CapacityLimiter(1)  # one notify_store at a time, in a worker thread
+        self.pushed_bytes = 0
+        self.loads_recognised = 0
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -257,6 +268,7 @@ class Operations(pyfuse3.Operations):
         current = {"id": m.id, "version": m.version, "digest": m.digest} if m else \
             {"id": None, "version": "catalog", "digest": None}
         return {**self.info, **current, **self.source.snapshot(), **self.supervisor.snapshot(),
+                "pushed_bytes": self.pushed_bytes, "loads_recognised": self.loads_recognised,
                 "open_files": len(self.handles), "known_inodes": len(self.lookups),
                 "retired_inodes": len(self.retired)}
 
@@ -396,6 +408,7 @@ class Operations(pyfuse3.Operations):
                 return
             log.info("load of %s recognised (%s order): streaming the rest of it", entry.path,
                      det.order)
+            self.loads_recognised += 1
             order = stream_order(entry, det.order)
             self.supervisor.start(f"stream of {entry.path}",
                                   lambda: self._stream(h.inode, entry, order))
@@ -403,8 +416,11 @@ class Operations(pyfuse3.Operations):
     async def _stream(self, inode: int, entry: FileEntry, order: list[int]) -> None:
         """Bring the chunks of *entry* into memory (and the disk cache) in *order* — the order the
         loader goes in — at most ``STREAM_CONCURRENCY`` at a time, as background work (a reader's
-        own miss is never queued behind it), and at most half the memory budget ahead of what
-        the reader has taken.  Stops when no handle has the file open any more."""
+        own miss is never queued behind it).  Each chunk no read has asked for yet is pushed into
+        the kernel's page cache, where the loader's page faults find it without a round trip to
+        this process.  Chunks that could not be pushed wait in memory for their reads, at most
+        half the memory budget of them ahead of the reader.  Stops when no handle has the file
+        open any more."""
         key = (entry.path, entry.blake3)
         stream = self._streams[key] = _Stream()
         lead = max(self.source.memory_bytes // 2, STREAM_CONCURRENCY * max(entry.chunk_sizes))
@@ -414,9 +430,11 @@ class Operations(pyfuse3.Operations):
         async def one(i: int, cid: str, size: int) -> None:
             nonlocal done, flying
             try:
-                await self.source.get(cid, size, background=True)
+                data = await self.source.get(cid, size, background=True)
                 done += size
                 stream.brought(i, size)
+                if self.push and i not in stream.asked:
+                    await self._push(stream, inode, entry, i, data)
             except MlfsError as e:
                 log.warning("stream of %s: chunk %s: %s", entry.path, cid[:16], e)
             finally:
@@ -444,6 +462,22 @@ class Operations(pyfuse3.Operations):
                 del self._streams[key]
             self.source.counters.streamed_bytes += done
 
+    async def _push(self, stream: _Stream, inode: int, entry: FileEntry, i: int, data) -> None:
+        """Store chunk *i* of *entry* in the kernel's page cache for *inode*.  In a worker thread:
+        the kernel may be holding some of those pages locked for a read only the event loop can
+        answer.  A pushed chunk no longer counts against the stream's lead (the page cache holds
+        it, and the reader's faults will not ask this process for it)."""
+        async with self._pusher:
+            if i in stream.asked or not self.push:
+                return
+            try:
+                await trio.to_thread.run_sync(pyfuse3.notify_store, inode, entry.offsets[i], data)
+            except OSError as e:  # the kernel forgot the inode, or the mount is going away
+                log.debug("push of %s at %d: %s", entry.path, entry.offsets[i], e)
+                return
+        self.pushed_bytes += len(data)
+        stream.consumed(i)
+
     def _schedule(self, entry: FileEntry, begin: int, end: int) -> None:
         for i, _, _ in chunk_slices(entry, begin, end - begin):
             cid = entry.chunk_ids[i]
@@ -467,6 +501,9 @@ class Operations(pyfuse3.Operations):
                 self.opened[h.inode] = left
             else:
                 self.opened.pop(h.inode, None)
+                # The next load of the file (a restarted server, another process) is a load of its
+                # own: watch for it afresh.  (A mapping keeps its handle open until unmapped.)
+                self._loads.pop((h.entry.path, h.entry.blake3), None)
                 self._maybe_release(h.inode)
 
     async def flush(self, fh):

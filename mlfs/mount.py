@@ -213,7 +213,7 @@ def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts:
             "cache_dir": str(opts.cache_dir), "cache_size": opts.cache_size, "pid": os.getpid(),
             "control": sock, "watching": opts.watch, "previous": None, "last_switch": None}
     supervisor = Supervisor()
-    ops = Operations(tree, source, info, inodes=inodes, supervisor=supervisor)
+    ops = Operations(tree, source, info, inodes=inodes, supervisor=supervisor, push=True)
     switcher = Switcher(ops, source, inodes)
     if opts.on_switch:
         hook = SwitchHook(opts.on_switch, mountpoint, info, supervisor)

@@ -31,7 +31,9 @@ def chunk(size: int, seed: int = 0) -> tuple[str, bytes]:
 def cache(request, tmp_path) -> ChunkCache:
     c = ChunkCache(tmp_path / "cache", 64 << 20)
     if request.param == "buffered":
-        c.direct = False
+        c.direct = c.direct_reads = False
+    else:
+        require(c.direct and c.direct_reads, "no O_DIRECT on the test file system")
     return c
 
 
@@ -157,6 +159,31 @@ def test_unsupported_direct_io_falls_back_to_buffered(tmp_path, monkeypatch):
     assert c.put(cid, data) and c.direct is False
     assert bytes(c.get(cid, len(data))) == data
     assert not list((tmp_path / "cache" / "tmp").iterdir())  # the refused temp file is gone
+
+
+def test_refused_direct_reads_fall_back_to_buffered(tmp_path, monkeypatch):
+    c = ChunkCache(tmp_path / "cache", 64 << 20)
+    cid, data = chunk(PAGE + 3)
+    assert c.put(cid, data)
+    c.direct_reads = True
+
+    def refuse(path, limit):
+        raise directio.DirectIOUnsupported(22, "O_DIRECT refused")
+
+    monkeypatch.setattr(directio, "read_direct", refuse)
+    assert bytes(c.get(cid, len(data))) == data and c.direct_reads is False
+    assert c.corrupt == 0
+
+
+def test_direct_reads_return_the_file_s_bytes_up_to_the_limit_read_only(tmp_path):
+    require(directio.supported(tmp_path), "no O_DIRECT on the test file system")
+    for size in SIZES:
+        path = tmp_path / f"f{size}"
+        data = os.urandom(size)
+        path.write_bytes(data)
+        for limit in (size + 1, size, max(size - 1, 0), PAGE * 3 + 1):
+            view = directio.read_direct(path, limit)
+            assert bytes(view) == data[:limit] and view.readonly
 
 
 def test_running_totals_match_the_index_whatever_touches_it(tmp_path):

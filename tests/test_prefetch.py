@@ -114,7 +114,10 @@ def model(tmp_path):
     return store, m, (d / "model.safetensors").read_bytes()
 
 
-def run_reads(store, m, tmp_path, reads, memory_bytes=256 << 20, watch=None, pause=0.0):
+def run_reads(store, m, tmp_path, reads, memory_bytes=256 << 20, watch=None, pause=0.0,
+              passes=1):
+    """Open the model, read the tensors *reads* in that order, let a stream finish, close it;
+    *passes* times over (each pass a reader of its own)."""
     cache = ChunkCache(tmp_path / "cache", 1 << 30)
     source = ChunkSource(store, cache, memory_bytes=memory_bytes)
     ops = Operations(Tree.of(m, Inodes()), source, {}, inodes=None, supervisor=Supervisor())
@@ -125,24 +128,27 @@ def run_reads(store, m, tmp_path, reads, memory_bytes=256 << 20, watch=None, pau
         async with trio.open_nursery() as n:
             ops.supervisor.nursery = n
             attr = await ops.lookup(ROOT_INODE, b"model.safetensors")
-            fh = (await ops.open(attr.st_ino, os.O_RDONLY, None)).fh
-            for name in reads:
-                b, e, _ = f.tensors[name]
-                got = b""
-                for off in range(b, e, 128 << 10):
-                    got += bytes(await ops.read(fh, off, min(128 << 10, e - off)))
-                    if watch:
-                        watch(ops)
-                    await trio.sleep(pause)  # a reader slower than the stream (it copies)
-                out[name] = got
-            for _ in range(200):  # let a stream finish while the file is open
-                if source.counters.streamed_bytes or not ops.supervisor.nursery.child_tasks:
-                    break
-                await trio.sleep(0.05)
-            await ops.release(fh)
+            for _ in range(passes):
+                streamed = source.counters.streamed_bytes
+                fh = (await ops.open(attr.st_ino, os.O_RDONLY, None)).fh
+                for name in reads:
+                    b, e, _ = f.tensors[name]
+                    got = b""
+                    for off in range(b, e, 128 << 10):
+                        got += bytes(await ops.read(fh, off, min(128 << 10, e - off)))
+                        if watch:
+                            watch(ops)
+                        await trio.sleep(pause)  # a reader slower than the stream (it copies)
+                    out[name] = got
+                for _ in range(200):  # let a stream finish while the file is open
+                    if (source.counters.streamed_bytes > streamed
+                            or not ops.supervisor.nursery.child_tasks):
+                        break
+                    await trio.sleep(0.05)
+                await ops.release(fh)
             n.cancel_scope.cancel()
     trio.run(main)
-    return source.snapshot(), f, out
+    return {**source.snapshot(), **ops.stats()}, f, out
 
 
 def test_a_partial_reader_fetches_little_more_than_its_tensors(model, tmp_path):
@@ -166,6 +172,19 @@ def test_a_key_order_load_streams_the_whole_file(model, tmp_path):
     stats, f, out = run_reads(store, m, tmp_path, first)
     assert stats["streamed_bytes"] > 0
     assert stats["bytes_fetched"] == sum(dict(zip(f.chunk_ids, f.chunk_sizes)).values())
+
+
+def test_each_load_of_a_file_is_recognised_not_only_the_first(model, tmp_path):
+    """A long-lived mount: a server loads the model, restarts, loads it again (from the disk cache,
+    its memory long reused).  The second load must be streamed too; the detector used to stay
+    "loading" for good after the first."""
+    store, m, data = model
+    f = next(f for f in m.files if f.path == "model.safetensors")
+    names = sorted(n for n in f.tensors if n.endswith(".w"))
+    stats, f, out = run_reads(store, m, tmp_path, names, memory_bytes=8 << 20, passes=2)
+    assert all(out[n] == data[f.tensors[n][0]:f.tensors[n][1]] for n in names)
+    assert stats["loads_recognised"] == 2
+    assert stats["disk_hits"] > 0  # the second load came from the disk cache, streamed
 
 
 def test_a_stream_stays_within_half_the_memory_budget_ahead_of_the_reader(model, tmp_path):
