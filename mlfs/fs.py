@@ -19,6 +19,7 @@ import errno
 import functools
 import json
 import logging
+import mmap
 import os
 from bisect import bisect_right
 from collections import OrderedDict
@@ -50,6 +51,7 @@ READAHEAD_MAX = 64 << 20
 #: default 128 KiB read-ahead (measured, docs/adr/0018).  Reads that shallow are spill, not a
 #: reader starting the tensor; they cost the tensor's first chunk (its 512 KiB head), no more.
 SPILL = 512 << 10
+PAGE = mmap.PAGESIZE  # what notify_store can mark as filled
 #: Chunks a stream brought are pushed into the kernel's page cache (``notify_store``) unless
 #: ``MLFS_PUSH=0`` (for comparisons): the loader's page faults then find the pages there instead of
 #: each waiting for a FUSE round trip (docs/adr/0019).
@@ -433,7 +435,7 @@ class Operations(pyfuse3.Operations):
                 data = await self.source.get(cid, size, background=True)
                 done += size
                 stream.brought(i, size)
-                if self.push and i not in stream.asked:
+                if self.push:
                     await self._push(stream, inode, entry, i, data)
             except MlfsError as e:
                 log.warning("stream of %s: chunk %s: %s", entry.path, cid[:16], e)
@@ -445,7 +447,15 @@ class Operations(pyfuse3.Operations):
             async with trio.open_nursery() as n:
                 for i in order:
                     cid, size = entry.chunk_ids[i], entry.chunk_sizes[i]
-                    if self.source.peek(cid) is not None or self.source.in_flight(cid):
+                    if self.source.in_flight(cid):
+                        continue  # a reader's miss: it gets the chunk from memory as it goes
+                    held = self.source.peek(cid)
+                    if held is not None:
+                        # Read in part already (a loader that first touches every tensor's head),
+                        # or shared with a chunk read before: the rest of it goes to the page
+                        # cache too, or its next fault may find it gone from memory.
+                        if self.push:
+                            await self._push(stream, inode, entry, i, held)
                         continue
                     while (stream.pending_bytes + flying + size > lead
                            and self.opened.get(inode)):
@@ -467,16 +477,52 @@ class Operations(pyfuse3.Operations):
         the kernel may be holding some of those pages locked for a read only the event loop can
         answer.  A pushed chunk no longer counts against the stream's lead (the page cache holds
         it, and the reader's faults will not ask this process for it)."""
+        pieces = self._pages(entry, i, data)
+        if not pieces or not self.push:
+            return
+
+        def store() -> None:
+            for offset, piece in pieces:
+                pyfuse3.notify_store(inode, offset, piece)
         async with self._pusher:
-            if i in stream.asked or not self.push:
-                return
             try:
-                await trio.to_thread.run_sync(pyfuse3.notify_store, inode, entry.offsets[i], data)
+                await trio.to_thread.run_sync(store)
             except OSError as e:  # the kernel forgot the inode, or the mount is going away
                 log.debug("push of %s at %d: %s", entry.path, entry.offsets[i], e)
                 return
         self.pushed_bytes += len(data)
         stream.consumed(i)
+
+    def _pages(self, entry: FileEntry, i: int, data) -> list[tuple[int, object]]:
+        """What to push for chunk *i* (bytes *data*): ``(file offset, bytes)`` pieces made of whole
+        pages.  The kernel marks a page as holding data only when one store fills all of it (or
+        reaches the end of the file).  Chunks end at tensor boundaries, not on pages, so a page
+        shared with a neighbour is pushed whole, put together with the neighbour's bytes, when
+        those are in memory; otherwise it is left to the reader's fault (a 4 KiB read)."""
+        off, end = entry.offsets[i], entry.offsets[i] + len(data)
+        view = memoryview(data)
+        first = -(-off // PAGE) * PAGE  # the middle: whole pages inside the chunk
+        last = end if end == entry.size else end // PAGE * PAGE
+        out: list[tuple[int, object]] = []
+        if first < last:
+            out.append((first, view[first - off:last - off]))
+        for page in {off // PAGE * PAGE if off % PAGE else -1,
+                     end // PAGE * PAGE if end % PAGE and end < entry.size else -1} - {-1}:
+            whole = self._assemble(entry, page, min(page + PAGE, entry.size), i, view)
+            if whole is not None:
+                out.append((page, whole))
+        return out
+
+    def _assemble(self, entry: FileEntry, begin: int, end: int, i: int, view) -> bytes | None:
+        """Bytes ``[begin, end)`` of *entry* from chunk *i* (*view*) and chunks in memory; None if
+        one of them is not in memory."""
+        parts = []
+        for j, a, b in chunk_slices(entry, begin, end - begin):
+            chunk = view if j == i else self.source.peek(entry.chunk_ids[j])
+            if chunk is None:
+                return None
+            parts.append(memoryview(chunk)[a:b])
+        return b"".join(parts)
 
     def _schedule(self, entry: FileEntry, begin: int, end: int) -> None:
         for i, _, _ in chunk_slices(entry, begin, end - begin):

@@ -16,6 +16,13 @@ million.  ``min_tensor`` (2 MiB) is over five times the spill of the kernel's re
 end of a tensor (~384 KiB at the default 128 KiB window, docs/adr/0018), so read-ahead never
 finishes the next tensor, and small tensors (norms, biases) are not counted at all.  A file with fewer than ``run`` large tensors is left to the lazy
 path (and to ``--prefetch all``).
+
+Some loaders first make every tensor (touching the first page of each, in file order) and copy
+them afterwards: ``safetensors.torch.load_file`` does.  Their first pass finishes no tensor, and
+each touch is a round trip for the tensor's head, so a second signal is the *starts*: the last
+``start_run`` (8) large tensors whose first byte was read follow each other the same way.  Read-ahead
+past the end of a tensor touches the next one's start, so a random reader's starts come in pairs
+(its pick, then the neighbour) and never make a run of eight.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from .manifest import FileEntry
 
 #: How many finished tensors in a row, each one or two places after the last, make a load.
 LOAD_RUN = 4
+#: How many tensor starts in a row make one (a loader that makes every tensor before copying).
+START_RUN = 8
 #: How far apart (in places) two tensors finished one after the other may be.
 MAX_STEP = 2
 #: Tensors smaller than this are not counted (read-ahead could finish them as a side effect).
@@ -37,8 +46,8 @@ BLOCK = 128 << 10
 class LoadDetector:
     """Watches the reads of one file (all its handles) and says when a load is happening."""
 
-    def __init__(self, entry: FileEntry, *, run: int = LOAD_RUN, min_tensor: int = MIN_TENSOR,
-                 block: int = BLOCK) -> None:
+    def __init__(self, entry: FileEntry, *, run: int = LOAD_RUN, start_run: int = START_RUN,
+                 min_tensor: int = MIN_TENSOR, block: int = BLOCK) -> None:
         big = sorted((b, e, name) for name, (b, e, _) in (entry.tensors or {}).items()
                      if e - b >= min_tensor)
         self.begins = [b for b, _, _ in big]
@@ -48,12 +57,15 @@ class LoadDetector:
         for rank, i in enumerate(by_name):
             self.name_rank[i] = rank
         self.run = run
+        self.start_run = start_run
         self.block = block
         self.loading = False
         self.order = ""  # once loading: "file" or "name", the order the loader goes in
         self._touched: dict[int, set[int]] = {}  # tensor → blocks touched, until finished
         self._finished: set[int] = set()
         self._order: list[int] = []  # tensors in the order they were finished (the last run)
+        self._started: set[int] = set()
+        self._starts: list[int] = []  # tensors in the order their first byte was read (last run)
 
     @property
     def enabled(self) -> bool:
@@ -66,6 +78,12 @@ class LoadDetector:
         i = max(bisect_right(self.begins, start) - 1, 0)
         while i < len(self.begins) and self.begins[i] < end:
             b, e = self.begins[i], self.ends[i]
+            if start <= b < end and i not in self._started:
+                self._started.add(i)
+                self._starts = (self._starts + [i])[-self.start_run:]
+                if len(self._starts) == self.start_run and self._in_order(self._starts):
+                    self.loading = True
+                    return True
             if e > start and i not in self._finished:
                 first = (max(start, b) - b) // self.block
                 last = (min(end, e) - 1 - b) // self.block
@@ -75,16 +93,14 @@ class LoadDetector:
                     del self._touched[i]
                     self._finished.add(i)
                     self._order = (self._order + [i])[-self.run:]
-                    if self._in_order():
+                    if len(self._order) == self.run and self._in_order(self._order):
                         self.loading = True
                         return True
             i += 1
         return False
 
-    def _in_order(self) -> bool:
-        if len(self._order) < self.run:
-            return False
-        o = self._order
+    def _in_order(self, o: list[int]) -> bool:
+        """Whether tensors *o* follow each other in file order or in name order (and which)."""
         if all(0 < b - a <= MAX_STEP for a, b in zip(o, o[1:])):
             self.order = "file"
             return True

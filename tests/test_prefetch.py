@@ -15,7 +15,7 @@ from mlfs.fetch import ChunkSource
 from mlfs.fs import Operations
 from mlfs.generate import generate
 from mlfs.manifest import FileEntry
-from mlfs.prefetch import LOAD_RUN, LoadDetector, stream_order
+from mlfs.prefetch import LOAD_RUN, START_RUN, LoadDetector, stream_order
 from mlfs.supervise import Supervisor
 from mlfs.tree import ROOT_INODE, Inodes, Tree
 
@@ -56,6 +56,19 @@ def test_a_loader_is_recognised_after_a_run_of_tensors(order):
     hits = [read_tensor(det, e, n) for n in seq]
     assert hits.index(True) == LOAD_RUN - 1 and hits.count(True) == 1
     assert det.order == order  # the stream then goes the loader's way
+
+
+@pytest.mark.parametrize("order", ["file", "name"])
+def test_a_loader_that_makes_every_tensor_first_is_recognised_by_their_starts(order):
+    """safetensors.torch.load_file touches the first page of every tensor, then copies them: the
+    kernel reads a window around each first page, and no tensor is finished until the copies."""
+    e = entry(small_every=3)
+    big = [n for n in e.tensors if not n.endswith(".norm")]
+    seq = sorted(big, key=lambda n: e.tensors[n][0]) if order == "file" else sorted(big)
+    det = LoadDetector(e)
+    hits = [det.observe(max(0, e.tensors[n][0] - (128 << 10)), e.tensors[n][0] + (128 << 10))
+            for n in seq]
+    assert hits.index(True) == START_RUN - 1 and det.order == order
 
 
 def test_the_stream_goes_in_the_loader_s_order():
