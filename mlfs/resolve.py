@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from . import manifest as mf
-from .errors import ManifestError, UsageError
+from .errors import ManifestError, ObjectNotFound, UsageError
 from .stores import Store, open_store
 
 
@@ -45,5 +45,10 @@ def resolve(source: str | None, store_url: str | None = None, *, model_id: str |
     if not store_url:
         raise UsageError(f"{model_id}@{version} needs --store (or MLFS_STORE)")
     store = open_store(store_url, endpoint_url=endpoint_url)
-    store.check_once()
-    return store.load_manifest(model_id, version), store
+    try:
+        m = store.load_manifest(model_id, version)
+    except ObjectNotFound:
+        store.check_once()  # a store that is not there says so, rather than "no manifest"
+        raise
+    store.reached()  # the manifest came from it: no separate check before mounting
+    return m, store

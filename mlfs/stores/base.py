@@ -112,6 +112,10 @@ class Store(ABC):
             self.check()
             self._checked = True
 
+    def reached(self) -> None:
+        """Record that the store answered a request (``check_once`` need not ask it again)."""
+        self._checked = True
+
     def sync(self) -> None:
         """Make every object written so far durable (called before a manifest is published)."""
 
