@@ -7,8 +7,8 @@ default).  The model is LLM-shaped (fp16 attention and embedding, fp32 MLP, smal
 a v2 changes 1/6 of its tensors.  Every load reads every byte into the process (``load_file`` then
 a copy of each tensor, as ``load_state_dict`` would; or ``safe_open`` + ``get_tensor`` in key order).
 Peers in the same run: s5cmd download + local load, Run:ai's model streamer (S3 → memory), the
-local disk, ``rclone mount`` (if installed).  Also: v2 after v1 with a warm switch and with
-``switch --no-warm``; the mount's peak RSS with a cache a tenth of the model; the 100 Mbit/s pass
+local disk, ``rclone mount`` (if installed).  Also: v2 after v1 with the default switch (checked, then
+flipped, then filled) and with ``switch --warm``; the mount's peak RSS with a cache a tenth of the model; the 100 Mbit/s pass
 with s5cmd beside it; and a loopback pass (s3rver on 127.0.0.1) against Run:ai.  Cold figures are whole wall times as a user meets them: mount start plus the loading
 process (interpreter and torch start included), s5cmd's download plus the same process, Run:ai's
 process; warm and hot compare the load timed inside the process with the local disk's.  Then MiniLM through ``transformers.AutoModel.from_pretrained``.  Ratios are within
@@ -319,9 +319,9 @@ def main() -> None:
                                                      rounds["local load_file"])]
                 r["warm vs local, best round"], r["warm vs local, worst round"] = \
                     min(warm_rounds), max(warm_rounds)
-                log("v2 after v1")
-                # The same host state for the --no-warm pass below: v1 cached, v2's delta not.
-                shutil.copytree(work / "cache-load_file", work / "cache-nowarm")
+                log("v2 after v1, default switch (the store checked, the flip, the delta in the background)")
+                # The same host state for the --warm pass below: v1 cached, v2's delta not.
+                shutil.copytree(work / "cache-load_file", work / "cache-warmswitch")
                 drop_caches()
                 t = time.perf_counter()
                 subprocess.run([PY, "-m", "mlfs", "switch", str(w.mnt), str(work / "v2.json")],
@@ -329,16 +329,16 @@ def main() -> None:
                 load = run_py(LOAD_FILE, w.mnt / "model.safetensors")[0][0]
                 r["mlfs v2 after v1 (switch + load)"] = time.perf_counter() - t
                 w.close()
-                log("v2 after v1, switch --no-warm (flip first, delta in the background)")
-                nw = Mount(work / "mnt-nowarm", work / "cache-nowarm", "--store", store, "--id",
+                log("v2 after v1, switch --warm (the delta fetched before the flip)")
+                nw = Mount(work / "mnt-warmswitch", work / "cache-warmswitch", "--store", store, "--id",
                            "llm", "--version", "v1", env=env)
                 mounts.append(nw)
                 drop_caches()
                 t = time.perf_counter()
                 subprocess.run([PY, "-m", "mlfs", "switch", str(nw.mnt), str(work / "v2.json"),
-                                "--no-warm"], env=env, check=True, capture_output=True)
+                                "--warm"], env=env, check=True, capture_output=True)
                 run_py(LOAD_FILE, nw.mnt / "model.safetensors")
-                r["mlfs v2 after v1, --no-warm (switch + load)"] = time.perf_counter() - t
+                r["mlfs v2 after v1, --warm (switch + load)"] = time.perf_counter() - t
                 nw.close()
             m.close()
 
@@ -454,8 +454,8 @@ def main() -> None:
                 r["mlfs hot load_file"] / r["local hot load_file"],
             "v2 after v1 vs max(delta / link, warm), whole processes": r["mlfs v2 after v1 (switch + load)"] / max(
                 delta * 8 / (args.mbit * 1e6), r["mlfs warm load_file, whole process"]),
-            "v2 after v1, switch --no-warm, vs max(delta / link, warm)":
-                r["mlfs v2 after v1, --no-warm (switch + load)"] / max(
+            "v2 after v1, switch --warm, vs max(delta / link, warm)":
+                r["mlfs v2 after v1, --warm (switch + load)"] / max(
                     delta * 8 / (args.mbit * 1e6), r["mlfs warm load_file, whole process"]),
             "minilm cold (mount + process) vs local (process)":
                 r["minilm mlfs cold (mount + from_pretrained)"] / r["minilm local, whole process"],

@@ -251,9 +251,12 @@ def export(manifest, dest_dir, store_url, endpoint_url, model_id, version, force
               help="Seconds after which a read of an unobtainable chunk fails with EIO.")
 @click.option("--read-ahead", default=config.DEFAULT_READ_AHEAD, show_default=True,
               help="Kernel read-ahead of the mount (larger streams faster, smaller stays lazier).")
-@click.option("--no-warm", is_flag=True, help="On a switch, flip at once and fetch the new "
-              "version's missing chunks in the background (default: fetch them first, and stay "
-              "on the old version if that fails).")
+@click.option("--warm", "warm_switch", is_flag=True,
+              help="On a switch of the watched manifest, fetch every chunk the new version lacks "
+              "before the flip (default: check that the store holds them, flip, fetch them in the "
+              "background).")
+@click.option("--no-warm", is_flag=True, help="On a switch, flip at once, without checking the "
+              "store; fetch in the background.")
 @click.option("--digest", help="Serve (and switch to) only a manifest with this digest.")
 @click.option("--poll", default=config.DEFAULT_CATALOG_POLL, show_default=True,
               type=click.FloatRange(min=0.1),
@@ -271,7 +274,7 @@ def export(manifest, dest_dir, store_url, endpoint_url, model_id, version, force
 @click.option("--debug", is_flag=True, help="Verbose logging.")
 @click.option("--ready-fd", type=int, hidden=True)
 def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, cache_dir,
-          cache_size, memory, prefetch, timeout, read_ahead, no_warm, digest, poll,
+          cache_size, memory, prefetch, timeout, read_ahead, warm_switch, no_warm, digest, poll,
           allow_model_change, on_switch, metrics_file, allow_other, foreground, log_file, debug,
           ready_fd):
     """Mount a model version read-only at MOUNTPOINT.
@@ -303,7 +306,8 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
     from .mount import MountOptions, check_mountpoint, daemonize, serve
     opts = MountOptions(cache_dir=cache, cache_size=config.parse_size(cache_size),
                         allow_other=allow_other, prefetch_all=prefetch == "all",
-                        switch_warm=not no_warm, catalog_poll=poll, digest=digest,
+                        switch_warm=warm_switch, switch_check=not no_warm,
+                        catalog_poll=poll, digest=digest,
                         memory_bytes=config.parse_size(memory), timeout=timeout,
                         read_ahead_kb=config.parse_size(read_ahead) // 1024,
                         allow_model_change=allow_model_change, on_switch=on_switch,
@@ -649,15 +653,20 @@ def alias_ls(store_url, endpoint_url, model_id):
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
 @click.argument("manifest", required=False)
 @_manifest_args
-@click.option("--no-warm", is_flag=True, help="Flip at once; fetch the new chunks in the "
-              "background (reads first).")
+@click.option("--warm", is_flag=True, help="Fetch every chunk the new version lacks before the "
+              "flip; if one cannot be had, stay on the old version.")
+@click.option("--no-warm", is_flag=True, help="Flip at once, without checking that the store "
+              "holds the new chunks; fetch them in the background (reads first).")
 @click.option("--digest", help="Refuse the switch unless the manifest has this digest.")
 @click.option("--allow-model-change", is_flag=True,
               help="Allow switching to a manifest of another model id.")
 @click.option("--json", "as_json", is_flag=True)
-def switch(mountpoint, manifest, store_url, endpoint_url, model_id, version, no_warm, digest,
-           allow_model_change, as_json):
-    """Switch a live mount to another version; returns when the switch is complete.
+def switch(mountpoint, manifest, store_url, endpoint_url, model_id, version, warm, no_warm,
+           digest, allow_model_change, as_json):
+    """Switch a live mount to another version; returns once it serves the new one.
+
+    By default the mount checks that the store holds every chunk the new version needs and the
+    host lacks (or refuses the switch), flips, and fetches them in the background, reads first.
 
     \b
       mlfs switch /mnt/model minilm-v2.json
@@ -673,7 +682,10 @@ def switch(mountpoint, manifest, store_url, endpoint_url, model_id, version, no_
     if manifest is None and version and not model_id:
         model_id = stats.get("id")
     m, _ = resolve(manifest, store_url, model_id=model_id, version=version, endpoint_url=endpoint_url)
-    kw = {"warm": not no_warm, "digest": digest, "allow_model_change": allow_model_change}
+    if warm and no_warm:
+        raise click.UsageError("--warm and --no-warm exclude each other")
+    kw = {"warm": warm, "check": not no_warm, "digest": digest,
+          "allow_model_change": allow_model_change}
     if manifest and os.path.isfile(manifest):
         result = request_switch(stats["control"], manifest, **kw)
     else:
@@ -682,8 +694,16 @@ def switch(mountpoint, manifest, store_url, endpoint_url, model_id, version, no_
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"{result['from']} -> {result['to']}: fetched {human(result['bytes_fetched'])} "
-                   f"({result['bytes_fetched']} bytes) in {result['warm_seconds']:.2f}s, "
+        mode = result.get("mode", "warm")
+        if mode == "warm":
+            done = (f"fetched {human(result['bytes_fetched'])} ({result['bytes_fetched']} bytes) "
+                    f"in {result['warm_seconds']:.2f}s")
+        elif mode == "checked":
+            done = (f"the store holds the {result['checked_chunks']} chunks it lacks (checked in "
+                    f"{result['warm_seconds']:.2f}s); fetching them in the background")
+        else:
+            done = "flipped at once; fetching in the background"
+        click.echo(f"{result['from']} -> {result['to']}: {done}, "
                    f"flip {result['flip_seconds'] * 1000:.1f} ms", err=True)
 
 

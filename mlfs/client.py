@@ -108,11 +108,12 @@ def read_stats(mountpoint: str) -> dict:
     return stats
 
 
-def request_switch(sock_path: str, manifest_path: str, *, warm: bool = True,
+def request_switch(sock_path: str, manifest_path: str, *, warm: bool = False, check: bool = True,
                    digest: str | None = None, allow_model_change: bool = False,
                    timeout: float = 3600) -> dict:
     """Ask a mount to switch; returns the switch figures or raises MlfsError."""
-    req = {"op": "switch", "path": os.path.abspath(manifest_path), "warm": warm, "digest": digest,
+    req = {"op": "switch", "path": os.path.abspath(manifest_path), "warm": warm, "check": check,
+           "digest": digest,
            "allow_model_change": allow_model_change}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)

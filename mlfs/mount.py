@@ -51,7 +51,8 @@ class MountOptions:
     allow_other: bool = False
     prefetch_all: bool = False
     watch: str | None = None  # manifest file to watch for replacement
-    switch_warm: bool = True
+    switch_warm: bool = False  # a watched manifest's switch: fetch everything before the flip
+    switch_check: bool = True  # ... or check the store holds it, flip, fetch (docs/adr/0019)
     catalog_poll: float = config.DEFAULT_CATALOG_POLL
     digest: str | None = None
     memory_bytes: int = field(default_factory=lambda: config.parse_size(config.DEFAULT_MEMORY))
@@ -245,7 +246,7 @@ def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts:
                 sock, digest=opts.digest, record=supervisor.record), restart=True)
             if opts.watch:
                 supervisor.start("manifest watch", lambda: switcher.watch_file(
-                    opts.watch, warm=opts.switch_warm, digest=opts.digest,
+                    opts.watch, warm=opts.switch_warm, check=opts.switch_check, digest=opts.digest,
                     allow_model_change=opts.allow_model_change), restart=True)
             if catalog is not None:
                 supervisor.start("catalog poll", lambda: switcher.poll_catalog(

@@ -2,10 +2,16 @@
 
 The semantics (docs/adr/0006-switch.md):
 
-- warm first: the chunks of the new version that the host does not hold are fetched before the flip
-  (``warm=False`` flips at once and fetches them in the background, reads first: a loader started
-  right after the switch overlaps its own start with the fetch, but a store that fails mid-way
-  leaves the new version's reads to fail, where a warm switch would have stayed on the old one);
+- checked, then flipped, then filled (the default, docs/adr/0019): the store is asked whether every
+  chunk of the new version that the host does not hold is there (one HEAD each, in parallel); if one
+  is missing or the store does not answer, the mount stays on its version.  Then the flip, and the
+  missing chunks are fetched in the background, reads first, so a loader started right after the
+  switch overlaps its own start with the fetch.  What this does not catch: a chunk that is there but
+  corrupt, or a store that fails after the check.  Reads of those chunks then fail;
+- ``warm=True`` fetches (and verifies) every missing chunk before the flip, as every switch did
+  before: the new version is on the host before anyone sees it, at the price of the fetch and the
+  load one after the other;
+- ``check=False`` (with ``warm=False``) flips at once, without asking the store;
 - the flip is one assignment of ``ops.tree`` in the trio thread: lookups and opens after it see the
   new version; a handle opened before it keeps its ``FileEntry`` and reads the old version to the end;
 - unchanged files keep their inode numbers (``tree.Inodes``) and so their kernel page cache; the
@@ -35,6 +41,9 @@ from .stores import Store
 from .tree import Inodes, Tree
 
 log = logging.getLogger("mlfs.switch")
+
+#: HEAD requests in flight while a switch checks that the store holds what it will fetch.
+CONFIRM_CONCURRENCY = 16
 
 
 def _kernel_invalidate(parent: int, name: bytes) -> None:
@@ -69,6 +78,34 @@ class Switcher:
     async def _warm(self, files: list[mf.FileEntry]) -> None:
         await self.source.warm(self._missing(files))
 
+    async def _confirm(self, files: list[mf.FileEntry]) -> int:
+        """Raise StoreError unless the store holds every chunk of *files* the host lacks; return
+        how many were asked about."""
+        missing = self._missing(files)  # on the event loop: it peeks at the memory LRU
+        if not missing:
+            return 0
+        store = self.source.store
+        if store is None:
+            cid, _, path = missing[0]
+            raise StoreError(f"{path} needs chunk {cid[:16]}, which is not cached, and the mount "
+                             "has no store")
+        absent: list[tuple[str, int, str]] = []
+        limiter = trio.CapacityLimiter(CONFIRM_CONCURRENCY)
+
+        async def one(item: tuple[str, int, str]) -> None:
+            async with limiter:
+                if not await trio.to_thread.run_sync(store.has_chunk, item[0]):
+                    absent.append(item)
+        async with trio.open_nursery() as n:
+            for item in missing:
+                n.start_soon(one, item)
+        if absent:
+            cid, _, path = absent[0]
+            more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+            raise StoreError(f"{path} needs chunk {cid[:16]}, which is not in "
+                             f"{store.describe()}{more}")
+        return len(missing)
+
     async def _fill(self, files: list[mf.FileEntry], label: str) -> None:
         """After a switch that did not warm: fetch what the new version lacks, as background
         work (reads jump its queue).  A chunk that cannot be had now is left to the read that
@@ -86,19 +123,23 @@ class Switcher:
             if ino not in self.ops.tree.nodes and ino not in self.ops.retired:
                 self.inodes.release(ino)
 
-    async def switch(self, new: Tree, *, warm: bool = True, label: str = "",
+    async def switch(self, new: Tree, *, warm: bool = False, check: bool = True, label: str = "",
                      changes: str = "") -> dict:
-        """Warm (optionally), flip to *new*, invalidate what changed; return the switch's figures."""
+        """Check or warm (see the module's docstring), flip to *new*, invalidate what changed,
+        fetch in the background what was not warmed; return the switch's figures."""
         async with self._lock:
             old = self.ops.tree
             t0 = time.monotonic()
             fetched0 = self.source.counters.bytes_fetched
-            if warm:
-                try:
+            checked = 0
+            try:
+                if warm:
                     await self._warm(new.files)
-                except BaseException:
-                    self._discard(new)
-                    raise
+                elif check:
+                    checked = await self._confirm(new.files)
+            except BaseException:
+                self._discard(new)
+                raise
             t1 = time.monotonic()
             self.ops.flip(new)
             stale = new.stale_entries(old)
@@ -111,6 +152,8 @@ class Switcher:
                     log.debug("invalidate %s in %d: %s", name, parent, e)
             t2 = time.monotonic()
             result = {"from": _label(old), "to": label or _label(new), "warm": warm,
+                      "mode": "warm" if warm else "checked" if check else "now",
+                      "checked_chunks": checked,
                       "bytes_fetched": self.source.counters.bytes_fetched - fetched0,
                       "warm_seconds": round(t1 - t0, 4), "flip_seconds": round(t2 - t1, 4),
                       "total_seconds": round(t2 - t0, 4), "invalidated_entries": len(stale),
@@ -128,7 +171,7 @@ class Switcher:
                 self.on_switch(result)
             return result
 
-    async def switch_manifest(self, m: mf.Manifest, *, warm: bool = True,
+    async def switch_manifest(self, m: mf.Manifest, *, warm: bool = False, check: bool = True,
                               digest: str | None = None, allow_model_change: bool = False) -> dict:
         if digest and m.digest != digest:
             raise ManifestError(f"{m.ref} has digest {m.digest}, not the pinned {digest}")
@@ -136,10 +179,10 @@ class Switcher:
         if cur is not None and m.id != cur.id and not allow_model_change:
             raise ManifestError(f"{m.ref} is another model than the mounted {cur.ref}; "
                                 "pass --allow-model-change to switch to it")
-        return await self.switch(Tree.of(m, self.inodes), warm=warm)
+        return await self.switch(Tree.of(m, self.inodes), warm=warm, check=check)
 
     # -- triggers ---------------------------------------------------------------------------------
-    async def watch_file(self, path: str, *, warm: bool, interval: float = 0.25,
+    async def watch_file(self, path: str, *, warm: bool, check: bool = True, interval: float = 0.25,
                          digest: str | None = None, allow_model_change: bool = False) -> None:
         """Switch whenever the manifest file is replaced (rename) or rewritten in place.
         A manifest that cannot be used is logged once and the mount stays where it is; anything
@@ -155,7 +198,7 @@ class Switcher:
                 m = await trio.to_thread.run_sync(_read_manifest, path)
                 cur = self.ops.tree.manifest
                 if cur is None or m.digest != cur.digest:
-                    await self.switch_manifest(m, warm=warm, digest=digest,
+                    await self.switch_manifest(m, warm=warm, check=check, digest=digest,
                                                allow_model_change=allow_model_change)
                 last, bad = sig, None
             except MlfsError as e:
@@ -209,7 +252,7 @@ class Switcher:
                 req = _parse_request(data)
                 m = await trio.to_thread.run_sync(_read_manifest, req["path"])
                 result = await self.switch_manifest(
-                    m, warm=req["warm"], digest=req["digest"] or digest,
+                    m, warm=req["warm"], check=req["check"], digest=req["digest"] or digest,
                     allow_model_change=req["allow_model_change"])
                 reply = {"ok": True, "switch": result}
             except MlfsError as e:
@@ -228,7 +271,7 @@ class Switcher:
                 log.warning("catalog poll of %s failed: %s", store.describe(), e)
                 continue
             if changed:
-                await self.switch(Tree(files, self.inodes, self.ops.tree.mtime_ns), warm=False,
+                await self.switch(Tree(files, self.inodes, self.ops.tree.mtime_ns), check=False,
                                   label=f"catalog ({catalog.summary()})",
                                   changes=catalog.last_changes)
 
@@ -320,7 +363,10 @@ def _parse_request(data: bytes) -> dict:
     digest = req.get("digest")
     if digest is not None and not isinstance(digest, str):
         raise ManifestError("digest must be a string")
-    return {"path": path, "warm": req.get("warm", True) is not False, "digest": digest,
+    # "warm" defaulted to true before checked switches: a request without "check" is warm or
+    # checked as it says, and without either it gets the default (checked).
+    return {"path": path, "warm": req.get("warm") is True, "check": req.get("check") is not False,
+            "digest": digest,
             "allow_model_change": req.get("allow_model_change") is True}
 
 

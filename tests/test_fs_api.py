@@ -278,18 +278,24 @@ def test_two_hundred_switches_keep_per_mount_state_bounded(model, tmp_path):
     assert max(s[2] for s in sizes) <= 3
 
 
-def test_a_failed_warm_gives_back_the_inode_numbers_it_took(model, tmp_path):
+@pytest.mark.parametrize("warm", [True, False])
+def test_a_refused_switch_gives_back_the_inode_numbers_it_took(model, tmp_path, warm):
+    """A warm switch whose fetch fails, or a checked one (the default) whose store lacks a chunk:
+    the mount stays on its version, and the new tree's inode numbers go back."""
     store, base, _ = model
     ops, source, inodes = make_ops(store, version(base, store, 0), tmp_path, timeout=1.0)
     sw = Switcher(ops, source, inodes, invalidate=lambda p, n: None)
     broken = version(base, store, 1)
-    store.fail.add(broken.files[-1].chunk_ids[0])
+    if warm:
+        store.fail.add(broken.files[-1].chunk_ids[0])
+    else:
+        store.delete_chunk(broken.files[-1].chunk_ids[0])
     before = len(inodes)
 
     async def go(n):
         for _ in range(20):
             with pytest.raises(MlfsError):
-                await sw.switch_manifest(broken)
+                await sw.switch_manifest(broken, warm=warm)
         assert ops.tree.manifest.version == "v0"
     run(go)
     assert len(inodes) == before

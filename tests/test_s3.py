@@ -8,6 +8,7 @@ to boto3 for anything the direct path does not handle.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -104,11 +105,32 @@ def test_every_error_of_the_s3_store_is_one_of_ours(s3, code, status, kind):
                               "ResponseMetadata": {"HTTPStatusCode": status}}, "ListObjectsV2")
     s3.client.list_objects_v2 = refuse
     s3.client.head_object = refuse
+    s3.direct = None  # HEADs take the direct path where they can: here boto3's errors are tested
     with pytest.raises(errors.MlfsError) as e:
         list(s3.list_manifests())
     assert type(e.value).__name__ == kind
     with pytest.raises(getattr(errors, kind)):
         s3.has_manifest("m", "v1")
+
+
+def test_a_chunk_is_looked_up_with_one_signed_head(s3):
+    """A checked switch asks the store for each chunk it will fetch: from the mount, without
+    boto3, and with boto3's answers."""
+    import blake3
+
+    data = b"x" * 1000
+    cid = blake3.blake3(data).hexdigest()
+    s3.put_chunk(cid, data)
+    calls = counting(s3)
+    info = s3.head_chunk(cid)
+    assert info is not None and info.size == len(data) and abs(info.mtime - time.time()) < 3600
+    assert s3.has_chunk("0" * 64) is False
+    assert len(calls) == 2
+    direct, s3.direct = s3.direct, None
+    try:
+        assert s3.head_chunk(cid) == info  # boto3's answer, the same
+    finally:
+        s3.direct = direct
 
 
 def test_checking_the_store_takes_the_direct_path(s3, moto_server, monkeypatch):

@@ -86,8 +86,8 @@ def test_switch_fetches_the_diff_and_switching_back_is_free(store, two_versions,
     for f in mf.loads(a.read_bytes()).files:  # hold all of v1, as a host serving it would
         (mnt.mountpoint / f.path).read_bytes()
     diff = json.loads(run_mlfs("diff", "--json", a, b).stdout)
-    out = json.loads(run_mlfs("switch", mnt.mountpoint, b, "--json").stdout)
-    assert out["from"] == "minilm@v1" and out["to"] == "minilm@v2"
+    out = json.loads(run_mlfs("switch", mnt.mountpoint, b, "--warm", "--json").stdout)
+    assert out["from"] == "minilm@v1" and out["to"] == "minilm@v2" and out["mode"] == "warm"
     assert out["bytes_fetched"] == diff["fetch_bytes"] > 0  # exactly the new chunks
     assert mnt.stats()["bytes_fetched"] - out["bytes_fetched"] == sum(
         mf.loads(a.read_bytes()).chunk_sizes().values())
@@ -97,17 +97,23 @@ def test_switch_fetches_the_diff_and_switching_back_is_free(store, two_versions,
     again = json.loads(run_mlfs("switch", mnt.mountpoint, "--store", store.url, "--version", "v2",
                                 "--json").stdout)
     assert again["to"] == "minilm@v2" and again["bytes_fetched"] == 0
-    # --no-warm flips before fetching; the new chunks then arrive in the background.
-    fresh = mounter("--manifest", a, "--cache-dir", tmp_path / "c2", name="fresh")
-    before = fresh.stats()["bytes_fetched"]
-    lazy = json.loads(run_mlfs("switch", fresh.mountpoint, b, "--no-warm", "--json").stdout)
-    assert lazy["bytes_fetched"] == 0 and fresh.stats()["version"] == "v2"
-    wait_for(lambda: "background fetch of minilm@v2: done" in fresh.log.read_text(),
-             what="the background fetch after --no-warm")
-    fetched = fresh.stats()["bytes_fetched"]
-    assert fetched > before
-    same_tree(fresh.mountpoint, family["v2"])
-    assert fresh.stats()["bytes_fetched"] == fetched  # it had brought everything v2 needs
+    # The default: the store is asked for the chunks v2 lacks, the flip comes before the fetch,
+    # and the new chunks then arrive in the background.  --no-warm skips the check.
+    for name, flags, mode in (("fresh", (), "checked"), ("now", ("--no-warm",), "now")):
+        fresh = mounter("--manifest", a, "--cache-dir", tmp_path / f"c-{name}", name=name)
+        before = fresh.stats()["bytes_fetched"]
+        lazy = json.loads(run_mlfs("switch", fresh.mountpoint, b, *flags, "--json").stdout)
+        assert lazy["mode"] == mode and lazy["bytes_fetched"] == 0
+        # A fresh mount holds little of v1 yet: it lacks at least the diff's chunks of v2.
+        assert (lazy["checked_chunks"] >= diff["fetch_chunks"]) if mode == "checked" \
+            else lazy["checked_chunks"] == 0
+        assert fresh.stats()["version"] == "v2"
+        wait_for(lambda: "background fetch of minilm@v2: done" in fresh.log.read_text(),
+                 what=f"the background fetch after a {mode} switch")
+        fetched = fresh.stats()["bytes_fetched"]
+        assert fetched > before
+        same_tree(fresh.mountpoint, family["v2"])
+        assert fresh.stats()["bytes_fetched"] == fetched  # it had brought everything v2 needs
 
 
 def test_a_broken_manifest_leaves_the_mount_on_its_version(store, two_versions, mounter, tmp_path,
@@ -129,8 +135,10 @@ def test_a_broken_manifest_leaves_the_mount_on_its_version(store, two_versions, 
     doc.pop("digest")
     missing = tmp_path / "missing.json"
     missing.write_bytes(mf.from_json(doc).dumps())
-    p = run_mlfs("switch", mnt.mountpoint, missing, check=False)
-    assert p.returncode == 1 and "switch refused" in p.stderr
+    for flags in ((), ("--warm",)):  # checked (the store lacks the chunk) or warmed
+        p = run_mlfs("switch", mnt.mountpoint, missing, *flags, check=False)
+        assert p.returncode == 1 and "switch refused" in p.stderr and "f" * 16 in p.stderr
+        assert mnt.stats()["version"] == "v1"
     # The watched file replaced by garbage: logged, ignored.
     watched.write_text("{ not json")
     wait_for(lambda: "not valid JSON" in (mnt.stats().get("last_switch_error") or ""),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from email.utils import parsedate_to_datetime
 from typing import Iterator
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
@@ -198,6 +199,12 @@ class S3Store(Store):
         return self._call(key, put)
 
     def _head(self, key: str) -> ObjectInfo | None:
+        direct = self.direct
+        if direct is not None:
+            try:
+                return direct.head(self.prefix + key, key)
+            except NotDirect:
+                pass  # boto3's answer below stands
         try:
             r = self._call(key, lambda: self.client.head_object(Bucket=self.bucket,
                                                                 Key=self.prefix + key))
@@ -311,6 +318,28 @@ class DirectGet:
                                 f"({self.store.describe()})")
         if resp.status >= 500 or resp.status == 429:
             raise StoreUnavailable(f"HEAD bucket: HTTP {resp.status}")
+        raise NotDirect(f"HTTP {resp.status}")
+
+    def head(self, full_key: str, key: str) -> ObjectInfo | None:
+        """The object's size and time, None if it does not exist (a switch's check that every
+        chunk it will need is there; boto3 would cost the daemon its import first)."""
+        url = self.base_url + quote(full_key, safe="/~")
+        try:
+            resp = self.pool.request("HEAD", url, headers=self.sign("HEAD", url), redirect=False,
+                                     timeout=self.timeout)
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise ConnectionError(f"HEAD {key}: {type(e).__name__}: {e}") from None
+        if resp.status == 200:
+            try:
+                size = int(resp.headers.get("Content-Length", ""))
+                mtime = parsedate_to_datetime(resp.headers.get("Last-Modified", "")).timestamp()
+            except (TypeError, ValueError):
+                raise NotDirect("HEAD without a usable Content-Length or Last-Modified") from None
+            return ObjectInfo(key, size, mtime)
+        if resp.status == 404:
+            return None
+        if resp.status >= 500 or resp.status == 429:
+            raise StoreUnavailable(f"HEAD {key}: HTTP {resp.status}")
         raise NotDirect(f"HTTP {resp.status}")
 
     def get(self, full_key: str, key: str) -> bytes:
