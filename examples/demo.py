@@ -104,7 +104,10 @@ def main() -> None:
         with open(mnt / "model.safetensors", "rb") as f:  # read v1 whole: the host now holds v1
             while f.read(1 << 20):
                 pass
-        out = json.loads(mlfs("switch", mnt, OUT / "minilm-v2.json", "--json", capture=True))
+        # --warm: fetch the delta before the flip, so the reply counts it (the default checks the
+        # store, flips, and fetches in the background).
+        out = json.loads(mlfs("switch", mnt, OUT / "minilm-v2.json", "--warm", "--json",
+                              capture=True))
         print(f"{out['from']} -> {out['to']}: fetched {out['bytes_fetched']} bytes "
               f"({out['bytes_fetched'] / 2**20:.1f} MiB, the two tuned layers), flip "
               f"{out['flip_seconds'] * 1000:.1f} ms")

@@ -290,6 +290,8 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
     catalog = not (manifest_src or model_id or version)
     if catalog and not store_url:
         raise click.UsageError("give --manifest, --store with --id/--version, or --store alone")
+    if warm_switch and no_warm:
+        raise click.UsageError("--warm and --no-warm exclude each other")
 
     def find() -> tuple:
         if catalog:

@@ -164,6 +164,40 @@ def run_reads(store, m, tmp_path, reads, memory_bytes=256 << 20, watch=None, pau
     return {**source.snapshot(), **ops.stats()}, f, out
 
 
+def test_pushes_are_whole_pages_of_the_file(model, tmp_path):
+    """The kernel keeps a pushed page only if one store fills it: every piece a stream pushes
+    starts on a page, spans whole pages (or ends the file), and holds the file's bytes there.  A
+    page shared with a neighbour not in memory is left out; with the neighbour in memory it is
+    pushed whole."""
+    from mlfs.fs import PAGE
+
+    store, m, data = model
+    f = next(f for f in m.files if f.path == "model.safetensors")
+    source = ChunkSource(store, ChunkCache(tmp_path / "cache", 1 << 30))
+    ops = Operations(Tree.of(m, Inodes()), source, {}, inodes=None, supervisor=Supervisor())
+    unaligned = [i for i in range(1, len(f.chunk_ids) - 1)
+                 if f.offsets[i] % PAGE and (f.offsets[i] + f.chunk_sizes[i]) % PAGE]
+    assert unaligned
+    for i in unaligned[:5]:
+        off, end = f.offsets[i], f.offsets[i] + f.chunk_sizes[i]
+        chunk = data[off:end]
+        for neighbours in (False, True):
+            source._lru.clear()
+            if neighbours:
+                for j in (i - 1, i + 1):
+                    a = f.offsets[j]
+                    source._remember(f.chunk_ids[j], data[a:a + f.chunk_sizes[j]])
+            pieces = ops._pages(f, i, chunk)
+            covered = set()
+            for at, piece in pieces:
+                assert at % PAGE == 0 and (len(piece) % PAGE == 0 or at + len(piece) == f.size)
+                assert bytes(piece) == data[at:at + len(piece)]
+                covered |= set(range(at // PAGE, (at + len(piece)) // PAGE))
+            inner = set(range(-(-off // PAGE), end // PAGE))
+            outer = set(range(off // PAGE, -(-end // PAGE)))
+            assert covered == (outer if neighbours else inner)
+
+
 def test_a_partial_reader_fetches_little_more_than_its_tensors(model, tmp_path):
     store, m, data = model
     f = next(f for f in m.files if f.path == "model.safetensors")
