@@ -190,7 +190,9 @@ def test_a_chunk_that_cannot_be_had_is_eio_and_the_next_read_works(model, tmp_pa
     run(go)
     assert source.counters.fetch_errors >= 1
     if fault == "corrupt":
-        assert store.corrupt_reads == 3  # fetched again before it was called corrupt
+        from mlfs import config
+
+        assert store.corrupt_reads == config.CORRUPT_ATTEMPTS  # fetched again before it was called corrupt
 
 
 def test_unmapped_backend_errors_become_store_errors(model):

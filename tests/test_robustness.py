@@ -97,7 +97,9 @@ def test_interrupted_switch_leaves_the_mount_serving(moto_server, family, mounte
         mnt = mounter("--manifest", a, "--cache-dir", tmp_path / "c", env=env)
         for sig, version, path in targets:
             before = mnt.stats()["bytes_fetched"]
-            p = subprocess.Popen([*MLFS, "switch", str(mnt.mountpoint), str(path)], env=env,
+            # --warm: the switch's long phase is its fetch (a default switch only asks the store
+            # whether it holds the chunks, then flips).
+            p = subprocess.Popen([*MLFS, "switch", str(mnt.mountpoint), str(path), "--warm"], env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             wait_for(lambda: mnt.stats()["bytes_fetched"] > before or p.poll() is not None,
                      what="the switch to start warming")

@@ -173,11 +173,11 @@ class Store(ABC):
         return self.retry(lambda: self._get(chunk_key(chunk_id)), f"chunk {chunk_id[:16]}", deadline)
 
     def get_chunk_verified(self, chunk_id: str, size: int | None, deadline: float | None = None,
-                           attempts: int = 3) -> bytes:
+                           attempts: int = config.CORRUPT_ATTEMPTS) -> bytes:
         """The chunk's bytes, checked against its id (and *size*, when the caller knows it from a
         manifest): never returns wrong bytes.
 
-        A body that fails the check (damaged in transit) is fetched again, up to *attempts* times;
+        A body that fails the check (damaged in transit) is fetched again, *attempts* times in all;
         then the object itself is taken to be corrupt (CorruptChunk).
         """
         for _ in range(attempts):
