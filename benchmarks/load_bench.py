@@ -83,7 +83,7 @@ def run_py(code: str, *args: str, env=None) -> tuple[list[float], float]:
     return [float(x) for x in out], cpu
 
 
-WARM_ROUNDS = 3
+WARM_ROUNDS = 5
 
 
 def add(rounds: dict[str, list[float]], key: str, value: float) -> None:

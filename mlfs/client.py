@@ -176,7 +176,8 @@ def is_dead(mountpoint: str) -> bool:
 _COUNTERS = {"bytes_served", "bytes_fetched", "chunks_fetched", "memory_hits", "disk_hits",
              "cache_misses", "fetch_errors", "corrupt_chunks", "corrupt_cache_files",
              "uncached_chunks", "cache_write_errors", "retries", "prefetched_bytes",
-             "background_errors", "on_switch_runs", "on_switch_failures", "switches"}
+             "background_errors", "on_switch_runs", "on_switch_failures", "switches",
+             "streamed_bytes", "pushed_bytes", "push_seconds", "loads_recognised"}
 
 
 def prometheus(stats: dict) -> str:

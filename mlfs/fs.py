@@ -21,6 +21,7 @@ import json
 import logging
 import mmap
 import os
+import time
 from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ PAGE = mmap.PAGESIZE  # what notify_store can mark as filled
 #: ``MLFS_PUSH=0`` (for comparisons): the loader's page faults then find the pages there instead of
 #: each waiting for a FUSE round trip (docs/adr/0019).
 PUSH = os.environ.get("MLFS_PUSH", "1") != "0"
+#: notify_store calls at once.  One thread spent 0.35-0.41 s of a 0.65 s warm stream of 555 MiB in
+#: them; two brought the stream to 0.55-0.63 s (docs/adr/0019).  Disk threads (4 or 8) did not matter.
+PUSH_THREADS = 2
 
 
 def _guard(fn):
@@ -136,8 +140,9 @@ class Operations(pyfuse3.Operations):
         #: Push streamed chunks into the kernel's page cache (only with a kernel session: the
         #: in-process tier has none).
         self.push = push and PUSH
-        self._pusher = trio.CapacityLimiter(1)  # one notify_store at a time, in a worker thread
+        self._pusher = trio.CapacityLimiter(PUSH_THREADS)  # notify_store calls, in worker threads
         self.pushed_bytes = 0
+        self.push_seconds = 0.0  # time spent in notify_store
         self.loads_recognised = 0
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -270,7 +275,8 @@ class Operations(pyfuse3.Operations):
         current = {"id": m.id, "version": m.version, "digest": m.digest} if m else \
             {"id": None, "version": "catalog", "digest": None}
         return {**self.info, **current, **self.source.snapshot(), **self.supervisor.snapshot(),
-                "pushed_bytes": self.pushed_bytes, "loads_recognised": self.loads_recognised,
+                "pushed_bytes": self.pushed_bytes, "push_seconds": round(self.push_seconds, 3),
+                "loads_recognised": self.loads_recognised,
                 "open_files": len(self.handles), "known_inodes": len(self.lookups),
                 "retired_inodes": len(self.retired)}
 
@@ -428,6 +434,7 @@ class Operations(pyfuse3.Operations):
         lead = max(self.source.memory_bytes // 2, STREAM_CONCURRENCY * max(entry.chunk_sizes))
         slots = trio.Semaphore(STREAM_CONCURRENCY)
         done = flying = 0
+        started, pushing = trio.current_time(), self.push_seconds
 
         async def one(i: int, cid: str, size: int) -> None:
             nonlocal done, flying
@@ -471,6 +478,9 @@ class Operations(pyfuse3.Operations):
             if self._streams.get(key) is stream:
                 del self._streams[key]
             self.source.counters.streamed_bytes += done
+            log.info("stream of %s: %d bytes brought in %.2fs (%.2fs of it pushing into the page "
+                     "cache)", entry.path, done, trio.current_time() - started,
+                     self.push_seconds - pushing)
 
     async def _push(self, stream: _Stream, inode: int, entry: FileEntry, i: int, data) -> None:
         """Store chunk *i* of *entry* in the kernel's page cache for *inode*.  In a worker thread:
@@ -481,12 +491,14 @@ class Operations(pyfuse3.Operations):
         if not pieces or not self.push:
             return
 
-        def store() -> None:
+        def store() -> float:
+            t = time.perf_counter()
             for offset, piece in pieces:
                 pyfuse3.notify_store(inode, offset, piece)
+            return time.perf_counter() - t
         async with self._pusher:
             try:
-                await trio.to_thread.run_sync(store)
+                self.push_seconds += await trio.to_thread.run_sync(store)
             except OSError as e:  # the kernel forgot the inode, or the mount is going away
                 log.debug("push of %s at %d: %s", entry.path, entry.offsets[i], e)
                 return
