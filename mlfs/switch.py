@@ -90,15 +90,21 @@ class Switcher:
             raise StoreError(f"{path} needs chunk {cid[:16]}, which is not cached, and the mount "
                              "has no store")
         absent: list[tuple[str, int, str]] = []
+        errors: list[MlfsError] = []
         limiter = trio.CapacityLimiter(CONFIRM_CONCURRENCY)
 
         async def one(item: tuple[str, int, str]) -> None:
             async with limiter:
-                if not await trio.to_thread.run_sync(store.has_chunk, item[0]):
-                    absent.append(item)
+                try:
+                    if not await trio.to_thread.run_sync(store.has_chunk, item[0]):
+                        absent.append(item)
+                except MlfsError as e:  # collected: one error, not a group of them, reaches the caller
+                    errors.append(e)
         async with trio.open_nursery() as n:
             for item in missing:
                 n.start_soon(one, item)
+        if errors:
+            raise StoreError(f"cannot check {store.describe()} for the new chunks: {errors[0]}")
         if absent:
             cid, _, path = absent[0]
             more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""

@@ -18,7 +18,7 @@ import trio
 from conftest import with_note
 from mlfs import manifest as mf
 from mlfs.cache import ChunkCache
-from mlfs.errors import MlfsError, ObjectNotFound, StoreError
+from mlfs.errors import MlfsError, ObjectNotFound, StoreError, StorePermissionError
 from mlfs.fetch import ChunkSource
 from mlfs.fs import Operations
 from mlfs.generate import generate
@@ -280,23 +280,31 @@ def test_two_hundred_switches_keep_per_mount_state_bounded(model, tmp_path):
     assert max(s[2] for s in sizes) <= 3
 
 
-@pytest.mark.parametrize("warm", [True, False])
-def test_a_refused_switch_gives_back_the_inode_numbers_it_took(model, tmp_path, warm):
-    """A warm switch whose fetch fails, or a checked one (the default) whose store lacks a chunk:
-    the mount stays on its version, and the new tree's inode numbers go back."""
+@pytest.mark.parametrize("case", ["warm, a GET fails", "checked, a chunk missing",
+                                  "checked, the store refuses"])
+def test_a_refused_switch_gives_back_the_inode_numbers_it_took(model, tmp_path, case,
+                                                                monkeypatch):
+    """A warm switch whose fetch fails, or a checked one (the default) whose store lacks a chunk
+    or does not answer: one MlfsError, the mount stays on its version, and the new tree's inode
+    numbers go back."""
     store, base, _ = model
     ops, source, inodes = make_ops(store, version(base, store, 0), tmp_path, timeout=1.0)
     sw = Switcher(ops, source, inodes, invalidate=lambda p, n: None)
     broken = version(base, store, 1)
+    warm = case.startswith("warm")
     if warm:
         store.fail.add(broken.files[-1].chunk_ids[0])
-    else:
+    elif "missing" in case:
         store.delete_chunk(broken.files[-1].chunk_ids[0])
+    else:
+        def refuse(key):
+            raise StorePermissionError("access denied (injected)")
+        monkeypatch.setattr(store, "_head", refuse)
     before = len(inodes)
 
     async def go(n):
         for _ in range(20):
-            with pytest.raises(MlfsError):
+            with pytest.raises(MlfsError):  # not a group of them: the control socket answers it
                 await sw.switch_manifest(broken, warm=warm)
         assert ops.tree.manifest.version == "v0"
     run(go)
