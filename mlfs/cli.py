@@ -351,7 +351,9 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
 
 class _Background:
     """``fn()`` run in a thread from now on; ``result()`` waits for it and returns its value or
-    raises its exception, in the caller's thread."""
+    raises its exception, in the caller's thread.  Not a ``concurrent.futures`` executor: its
+    thread is a daemon, so a usage error raised meanwhile ends ``mlfs mount`` at once instead of
+    waiting out a store that does not answer."""
 
     def __init__(self, fn) -> None:
         import threading
