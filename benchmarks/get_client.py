@@ -92,11 +92,23 @@ def main() -> None:
         ob = ObStore("bench", endpoint=endpoint, access_key_id="S3RVER",
                      secret_access_key="S3RVER", region="us-east-1", virtual_hosted_style_request=False,
                      client_options={"allow_http": True})
+        from mlfs.rawhttp import RawHttp
+
+        raw = RawHttp(link.origin_ip, 4569, connect_timeout=5, read_timeout=30)
+
+        def raw_get(k: str) -> bytes:
+            url = store.direct.base_url + k
+            resp = raw.request("GET", "/bench/" + k, store.direct.sign("GET", url),
+                               max_body=size + 1)
+            assert resp.status == 200, resp.status
+            return resp.body
+
         results: dict[str, list] = {}
         for _ in range(args.rounds):
             r: dict = {}
             timed("mlfs direct GET (urllib3)", lambda k: store.direct.get(k, k), keys,
                   args.threads, size, r)
+            timed("raw socket, MSG_WAITALL", raw_get, keys, args.threads, size, r)
             timed("obstore get (Rust, threads)", lambda k: obstore.get(ob, k).bytes(), keys,
                   args.threads, size, r)
             for k, v in r.items():

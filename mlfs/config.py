@@ -41,6 +41,8 @@ S3_CONNECT_TIMEOUT = float(os.environ.get("MLFS_S3_CONNECT_TIMEOUT", "5"))
 S3_READ_TIMEOUT = float(os.environ.get("MLFS_S3_READ_TIMEOUT", "10"))
 #: ``MLFS_S3_DIRECT=0`` sends every S3 GET through boto3 instead of the direct path (ADR 0010).
 S3_DIRECT = os.environ.get("MLFS_S3_DIRECT", "1") != "0"
+#: ``MLFS_RAW_HTTP=0`` reads plain-http bodies through urllib3 instead of :mod:`mlfs.rawhttp`.
+RAW_HTTP = os.environ.get("MLFS_RAW_HTTP", "1") != "0"
 
 #: ``MLFS_HTTP_HEADER="Name: value"``: one header sent with every request to an HTTP store.
 HTTP_HEADER = os.environ.get("MLFS_HTTP_HEADER", "")

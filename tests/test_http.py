@@ -160,6 +160,28 @@ def test_static_nginx_store_mounts_byte_exact_and_lists(published, family, mount
         web.stop()
 
 
+def test_a_compressed_answer_is_asked_again_through_urllib3(published, tmp_path):
+    """Plain-http bodies are read by mlfs.rawhttp, which asks for no encoding; a body encoded
+    anyway (a misconfigured server) is asked again through urllib3, which decodes it."""
+    web = Nginx(tmp_path / "nginx", f"""
+    root {published.root};
+    location / {{ gzip on; gzip_types *; gzip_min_length 1; try_files $uri =404; }}""")
+    try:
+        store = open_store(web.url)
+        assert store.raw is not None
+        raw_request = store.raw.request
+
+        def gzip_anyway(method, target, headers, **kw):
+            return raw_request(method, target, {**headers, "Accept-Encoding": "gzip"}, **kw)
+        store.raw.request = gzip_anyway
+        assert store.get_manifest_bytes("minilm", "v1") == \
+            published.get_manifest_bytes("minilm", "v1")
+        assert [line.split('"')[1] for line in web.access_log()] == \
+            ["GET /manifests/minilm/v1.json HTTP/1.1"] * 2  # raw, then urllib3
+    finally:
+        web.stop()
+
+
 def test_http_store_without_an_index_says_so(tmp_path, family):
     store = open_store(str(tmp_path / "store"), create=True)
     generate(family["v1"], store, "minilm", "v1")

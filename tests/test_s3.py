@@ -21,24 +21,30 @@ KEYS = {"chunks/ab/empty": b"", "chunks/ab/one": b"x", "a key/with spaces+plus~t
         "chunks/cd/big": os.urandom((5 << 20) + 3)}
 
 
-@pytest.fixture
-def s3(moto_server, monkeypatch):
+@pytest.fixture(params=["raw", "urllib3"])
+def s3(request, moto_server, monkeypatch):
+    """The store, its direct path reading bodies with mlfs.rawhttp (plain http's default) or
+    through urllib3 (https's path, and ``MLFS_RAW_HTTP=0``)."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     store = open_store(f"s3://{make_bucket(moto_server)}/some prefix")
+    assert store.direct is not None and store.direct.raw is not None
+    if request.param == "urllib3":
+        store.direct.raw = None
     for key, data in KEYS.items():
         store._put(key, data)
     return store
 
 
 def counting(store):
+    """The URLs the direct path sends requests to, from now on."""
     calls = []
-    real = store.direct.pool.request
+    real = store.direct._send
 
-    def request(method, url, **kw):
+    def send(method, url, key):
         calls.append(url)
-        return real(method, url, **kw)
+        return real(method, url, key)
 
-    store.direct.pool.request = request
+    store.direct._send = send
     return calls
 
 

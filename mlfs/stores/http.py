@@ -28,6 +28,7 @@ from .. import config
 from .. import index as ix
 from ..errors import (ManifestError, ObjectNotFound, StoreError, StoreNotFound,
                       StorePermissionError, StoreUnavailable, UsageError)
+from ..rawhttp import RawHttp, TooLarge
 from .base import INDEX_KEY, MAX_INDEX, ObjectInfo, Store
 
 
@@ -55,6 +56,13 @@ class HttpStore(Store):
             kw.update(cert_reqs="CERT_REQUIRED", **({"ca_certs": ca} if ca else {}))
         proxy = _proxy_for(parts.scheme, parts.hostname or "")
         self.pool = urllib3.ProxyManager(proxy, **kw) if proxy else urllib3.PoolManager(**kw)
+        # Plain http without a proxy: bodies read with one recv each (mlfs.rawhttp,
+        # docs/adr/0020).  A body encoded unasked is asked again through urllib3, which decodes.
+        self.raw = None
+        if parts.scheme == "http" and not proxy and config.RAW_HTTP:
+            self.raw = RawHttp(parts.hostname or "", parts.port or 80,
+                               connect_timeout=config.S3_CONNECT_TIMEOUT,
+                               read_timeout=config.S3_READ_TIMEOUT, max_idle=max_connections)
 
     def describe(self) -> str:
         return self.url
@@ -64,10 +72,21 @@ class HttpStore(Store):
 
     def _request(self, method: str, key: str) -> tuple[int, bytes, dict]:
         url = self.base + quote(key, safe="/~")
+        limit = MAX_INDEX if key == INDEX_KEY else config.MAX_CHUNK_SIZE + (1 << 20)
+        if self.raw is not None:
+            try:
+                resp = self.raw.request(method, url[url.index("/", url.index("//") + 2):],
+                                        self.headers, max_body=limit)
+            except TooLarge:
+                raise StoreError(f"{key} in {self.url} is larger than any object mlfs writes") \
+                    from None
+            except OSError as e:  # refused, reset, timed out, cut short, malformed, too long
+                raise ConnectionError(f"{method} {key}: {type(e).__name__}: {e}") from None
+            if resp.headers.get("content-encoding", "identity").lower() == "identity":
+                return resp.status, resp.body, resp.headers
         try:
             resp = self.pool.request(method, url, headers=self.headers, preload_content=False,
                                      redirect=True, timeout=self.timeout)
-            limit = MAX_INDEX if key == INDEX_KEY else config.MAX_CHUNK_SIZE + (1 << 20)
             try:
                 body = resp.read(limit + 1, decode_content=True) if method == "GET" else b""
             except BaseException:
@@ -113,7 +132,7 @@ class HttpStore(Store):
             return None
         self._check_status(status, key)
         try:
-            size = int(headers.get("Content-Length", "0"))
+            size = int(headers.get("content-length", "0"))
         except ValueError:
             size = 0
         return ObjectInfo(key, size, 0.0)

@@ -268,6 +268,41 @@ class DirectGet:
         self.pool = urllib3.PoolManager(maxsize=max_connections, retries=False, **kw)
         self.timeout = urllib3.Timeout(connect=config.S3_CONNECT_TIMEOUT,
                                        read=config.S3_READ_TIMEOUT)
+        # Plain http: bodies read with one recv each (mlfs.rawhttp, docs/adr/0020).
+        self.raw = None
+        parts = urlsplit(base_url)
+        if parts.scheme == "http" and config.RAW_HTTP:
+            from ..rawhttp import RawHttp
+
+            self.raw = RawHttp(parts.hostname or "", parts.port or 80,
+                               connect_timeout=config.S3_CONNECT_TIMEOUT,
+                               read_timeout=config.S3_READ_TIMEOUT, max_idle=max_connections)
+
+    def _send(self, method: str, url: str, key: str) -> tuple[int, bytes, dict]:
+        """``(status, body, headers)`` of an unredirected, signed *method* *url*; ConnectionError
+        for anything that did not bring a whole response."""
+        if self.raw is not None:
+            try:
+                resp = self.raw.request(method, url[url.index("/", url.index("//") + 2):],
+                                        self.sign(method, url),
+                                        max_body=config.MAX_CHUNK_SIZE + (1 << 20))
+            except OSError as e:  # refused, reset, timed out, cut short, malformed
+                raise ConnectionError(f"{method} {key}: {type(e).__name__}: {e}") from None
+            return resp.status, resp.body, resp.headers
+        try:
+            resp = self.pool.request(method, url, headers=self.sign(method, url),
+                                     preload_content=False, redirect=False, timeout=self.timeout)
+            try:
+                body = resp.read(decode_content=False) if method == "GET" else b""
+            finally:
+                resp.release_conn()
+        except (urllib3.exceptions.HTTPError, OSError) as e:  # refused, reset, timed out, cut short
+            raise ConnectionError(f"{method} {key}: {type(e).__name__}: {e}") from None
+        if method == "GET":
+            length = resp.headers.get("Content-Length", str(len(body)))
+            if length != str(len(body)):  # urllib3 checks this too; a short body is a retry
+                raise ConnectionError(f"GET {key}: {len(body)} bytes, Content-Length {length[:20]!r}")
+        return resp.status, body, {k.lower(): v for k, v in resp.headers.items()}
 
     @classmethod
     def create(cls, store: S3Store, max_connections: int) -> DirectGet | None:
@@ -305,61 +340,39 @@ class DirectGet:
 
     def head_bucket(self) -> None:
         """Return if the bucket answers; StoreNotFound if it does not exist."""
-        url = self.base_url.rstrip("/")
-        try:
-            resp = self.pool.request("HEAD", url, headers=self.sign("HEAD", url),
-                                     redirect=False, timeout=self.timeout)
-        except (urllib3.exceptions.HTTPError, OSError) as e:
-            raise ConnectionError(f"HEAD bucket: {type(e).__name__}: {e}") from None
-        if resp.status == 200:
+        status, _, _ = self._send("HEAD", self.base_url.rstrip("/"), "bucket")
+        if status == 200:
             return
-        if resp.status == 404:
+        if status == 404:
             raise StoreNotFound(f"bucket {self.store.bucket!r} does not exist "
                                 f"({self.store.describe()})")
-        if resp.status >= 500 or resp.status == 429:
-            raise StoreUnavailable(f"HEAD bucket: HTTP {resp.status}")
-        raise NotDirect(f"HTTP {resp.status}")
+        if status >= 500 or status == 429:
+            raise StoreUnavailable(f"HEAD bucket: HTTP {status}")
+        raise NotDirect(f"HTTP {status}")
 
     def head(self, full_key: str, key: str) -> ObjectInfo | None:
         """The object's size and time, None if it does not exist (a switch's check that every
         chunk it will need is there; boto3 would cost the daemon its import first)."""
-        url = self.base_url + quote(full_key, safe="/~")
-        try:
-            resp = self.pool.request("HEAD", url, headers=self.sign("HEAD", url), redirect=False,
-                                     timeout=self.timeout)
-        except (urllib3.exceptions.HTTPError, OSError) as e:
-            raise ConnectionError(f"HEAD {key}: {type(e).__name__}: {e}") from None
-        if resp.status == 200:
+        status, _, headers = self._send("HEAD", self.base_url + quote(full_key, safe="/~"), key)
+        if status == 200:
             try:
-                size = int(resp.headers.get("Content-Length", ""))
-                mtime = parsedate_to_datetime(resp.headers.get("Last-Modified", "")).timestamp()
+                size = int(headers.get("content-length", ""))
+                mtime = parsedate_to_datetime(headers.get("last-modified", "")).timestamp()
             except (TypeError, ValueError):
                 raise NotDirect("HEAD without a usable Content-Length or Last-Modified") from None
             return ObjectInfo(key, size, mtime)
-        if resp.status == 404:
+        if status == 404:
             return None
-        if resp.status >= 500 or resp.status == 429:
-            raise StoreUnavailable(f"HEAD {key}: HTTP {resp.status}")
-        raise NotDirect(f"HTTP {resp.status}")
+        if status >= 500 or status == 429:
+            raise StoreUnavailable(f"HEAD {key}: HTTP {status}")
+        raise NotDirect(f"HTTP {status}")
 
     def get(self, full_key: str, key: str) -> bytes:
-        url = self.base_url + quote(full_key, safe="/~")
-        try:
-            resp = self.pool.request("GET", url, headers=self.sign("GET", url),
-                                     preload_content=False, redirect=False, timeout=self.timeout)
-            try:
-                body = resp.read(decode_content=False)
-            finally:
-                resp.release_conn()
-        except (urllib3.exceptions.HTTPError, OSError) as e:  # refused, reset, timed out, cut short
-            raise ConnectionError(f"GET {key}: {type(e).__name__}: {e}") from None
-        status = resp.status
+        """The object's body (bytes-like: a ``bytearray`` from the raw path)."""
+        status, body, _ = self._send("GET", self.base_url + quote(full_key, safe="/~"), key)
         if status == 200:
-            length = resp.headers.get("Content-Length", str(len(body)))
-            if length != str(len(body)):  # urllib3 checks this too; a short body is a retry
-                raise ConnectionError(f"GET {key}: {len(body)} bytes, Content-Length {length[:20]!r}")
             return body
-        code = _error_code(body)
+        code = _error_code(bytes(body[:1 << 16]))
         if status == 404:
             if code == "NoSuchBucket":
                 raise StoreNotFound(f"bucket {self.store.bucket!r} does not exist "
