@@ -24,6 +24,8 @@ import socket
 import struct
 import threading
 
+from .buffers import unfilled
+
 MAX_HEAD = 64 << 10  # status line + headers
 
 
@@ -203,24 +205,34 @@ def _read_response(s: socket.socket, method: str, max_body: int,
 
 
 def _read_exact(s: socket.socket, rest: bytearray, n: int) -> bytes:
-    """*n* body bytes, *rest* of them already read.  The body is read into a ``bytes`` object's
-    own storage: no copy after the kernel's."""
-    if len(rest) == n:
-        return bytes(rest)
-    buf = bytearray(n)
+    """*n* body bytes, *rest* of them already read: received straight into the ``bytes`` object
+    returned (not zeroed first: mlfs.buffers), with no copy after the kernel's."""
+    if n < (64 << 10):
+        buf = bytearray(rest)
+        while len(buf) < n:
+            try:
+                part = s.recv(n - len(buf))
+            except BlockingIOError:
+                raise TimeoutError(f"body stalled at {len(buf)} of {n} bytes") from None
+            if not part:
+                raise ConnectionError(f"connection closed at {len(buf)} of {n} body bytes")
+            buf += part
+        return bytes(buf)
+    out, view, _ = unfilled(n)
     got = len(rest)
-    buf[:got] = rest
-    view = memoryview(buf)
-    while got < n:
-        try:
-            k = s.recv_into(view[got:], n - got, socket.MSG_WAITALL)
-        except BlockingIOError:
-            raise TimeoutError(f"body stalled at {got} of {n} bytes") from None
-        if k == 0:
-            raise ConnectionError(f"connection closed at {got} of {n} body bytes")
-        got += k
-    view.release()
-    return buf  # type: ignore[return-value]  # a bytearray: a buffer, as every caller needs
+    view[:got] = rest
+    try:
+        while got < n:
+            try:
+                k = s.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+            except BlockingIOError:
+                raise TimeoutError(f"body stalled at {got} of {n} bytes") from None
+            if k == 0:
+                raise ConnectionError(f"connection closed at {got} of {n} body bytes")
+            got += k
+    finally:
+        view.release()
+    return out
 
 
 def _read_chunked(s: socket.socket, rest: bytearray, max_body: int) -> bytes:

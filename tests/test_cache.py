@@ -186,6 +186,23 @@ def test_direct_reads_return_the_file_s_bytes_up_to_the_limit_read_only(tmp_path
             assert bytes(view) == data[:limit] and view.readonly
 
 
+def test_a_direct_read_s_buffer_lives_as_long_as_its_view(tmp_path):
+    """read_direct fills a new bytes object through a view that does not own it (mlfs.buffers):
+    the view handed back must keep the object alive after everything else is gone."""
+    import gc
+
+    require(directio.supported(tmp_path), "no O_DIRECT on the test file system")
+    data = os.urandom(3 << 20)
+    (tmp_path / "f").write_bytes(data)
+    views = [directio.read_direct(tmp_path / "f", len(data)) for _ in range(4)]
+    gc.collect()
+    noise = [os.urandom(3 << 20) for _ in range(8)]  # reuse whatever was freed
+    assert all(bytes(v) == data for v in views) and len(noise) == 8
+    with pytest.raises(ValueError):
+        from mlfs.buffers import unfilled
+        unfilled(1)
+
+
 def test_running_totals_match_the_index_whatever_touches_it(tmp_path):
     c = ChunkCache(tmp_path / "cache", 5 * (PAGE + SEAL))
     ids = []
