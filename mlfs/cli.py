@@ -347,6 +347,11 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
     if warning:
         click.echo(f"mlfs: warning: {warning}", err=True)
     click.echo(f"mounted at {mountpoint} (pid {pid}, log {logf})", err=True)
+    # The mount is up and this process has nothing left to do: skip the interpreter's teardown of
+    # the ~400 modules a mount imports (~0.03 s that a script waiting on `mlfs mount` would wait).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class _Background:

@@ -8,7 +8,7 @@ a CDN, an HTTP cache, or ``mlfs serve``.  Chunks, manifests and aliases are plai
 
 Nothing read here is trusted: chunks are verified against their ids by the caller (as from S3),
 manifests are validated and digest-checked, the index is validated.  Connections are kept alive
-and pooled (urllib3); ``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY`` are honoured, so a site proxy or a
+and pooled (mlfs.rawhttp for plain http, urllib3 for https and proxies); ``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY`` are honoured, so a site proxy or a
 P2P daemon (Dragonfly's dfdaemon) can sit in front; ``MLFS_HTTP_HEADER="Name: value"`` adds one
 header to every request (a bearer token, say).  Errors are classified as for S3: refused
 connections, timeouts, resets, truncated bodies, 429 and 5xx are temporary (retried by
@@ -18,11 +18,9 @@ connections, timeouts, resets, truncated bodies, 429 and 5xx are temporary (retr
 from __future__ import annotations
 
 import os
-import urllib.request
 from typing import Iterator
 from urllib.parse import quote, urlsplit
 
-import urllib3
 
 from .. import config
 from .. import index as ix
@@ -48,14 +46,14 @@ class HttpStore(Store):
             if not sep or not name.strip():
                 raise UsageError("MLFS_HTTP_HEADER must look like 'Name: value'")
             self.headers[name.strip()] = value.strip()
-        self.timeout = urllib3.Timeout(connect=config.S3_CONNECT_TIMEOUT, read=config.S3_READ_TIMEOUT)
         kw = {"maxsize": max_connections, "retries": False, "block": False}
         if parts.scheme == "https":
             ca = os.environ.get("AWS_CA_BUNDLE") or os.environ.get("REQUESTS_CA_BUNDLE") \
                 or os.environ.get("SSL_CERT_FILE")
             kw.update(cert_reqs="CERT_REQUIRED", **({"ca_certs": ca} if ca else {}))
         proxy = _proxy_for(parts.scheme, parts.hostname or "")
-        self.pool = urllib3.ProxyManager(proxy, **kw) if proxy else urllib3.PoolManager(**kw)
+        self._pool_args = (proxy, kw)
+        self._pool = None
         # Plain http without a proxy: bodies read with one recv each (mlfs.rawhttp,
         # docs/adr/0020).  A body encoded unasked is asked again through urllib3, which decodes.
         self.raw = None
@@ -63,6 +61,19 @@ class HttpStore(Store):
             self.raw = RawHttp(parts.hostname or "", parts.port or 80,
                                connect_timeout=config.S3_CONNECT_TIMEOUT,
                                read_timeout=config.S3_READ_TIMEOUT, max_idle=max_connections)
+
+    @property
+    def pool(self):
+        """urllib3's pool, made (and urllib3 imported: ~0.05 s, ~100 modules) on first use: plain
+        http without a proxy never needs it."""
+        if self._pool is None:
+            import urllib3
+
+            proxy, kw = self._pool_args
+            self.timeout = urllib3.Timeout(connect=config.S3_CONNECT_TIMEOUT,
+                                           read=config.S3_READ_TIMEOUT)
+            self._pool = urllib3.ProxyManager(proxy, **kw) if proxy else urllib3.PoolManager(**kw)
+        return self._pool
 
     def describe(self) -> str:
         return self.url
@@ -84,9 +95,12 @@ class HttpStore(Store):
                 raise ConnectionError(f"{method} {key}: {type(e).__name__}: {e}") from None
             if resp.headers.get("content-encoding", "identity").lower() == "identity":
                 return resp.status, resp.body, resp.headers
+        import urllib3
+
+        pool = self.pool
         try:
-            resp = self.pool.request(method, url, headers=self.headers, preload_content=False,
-                                     redirect=True, timeout=self.timeout)
+            resp = pool.request(method, url, headers=self.headers, preload_content=False,
+                                redirect=True, timeout=self.timeout)
             try:
                 body = resp.read(limit + 1, decode_content=True) if method == "GET" else b""
             except BaseException:
@@ -181,6 +195,10 @@ class HttpStore(Store):
 
 def _proxy_for(scheme: str, host: str) -> str | None:
     """The proxy for *host* from the standard environment (``*_PROXY``, ``NO_PROXY``)."""
+    if not any(k.lower().endswith("_proxy") and v for k, v in os.environ.items()):
+        return None  # without importing urllib.request (~0.05 s)
+    import urllib.request
+
     proxies = urllib.request.getproxies()
     proxy = proxies.get(scheme)
     if not proxy or urllib.request.proxy_bypass(host):

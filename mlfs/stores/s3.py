@@ -5,7 +5,8 @@ region from the standard AWS chain.  boto3's own retries are turned off: ``Store
 retry policy, so the time a read may take has one bound, not a product of two.
 
 Whole-object GETs (every chunk a mount fetches) take a shorter path than a boto3 call: a SigV4
-signature and urllib3, without botocore's per-call machinery (:class:`DirectGet`, docs/adr/0010).
+signature, then mlfs.rawhttp (plain http) or urllib3 (https), without botocore's per-call machinery
+(:class:`DirectGet`, docs/adr/0010, 0020).
 Anything that path does not expect is answered by boto3 instead.  boto3 itself is imported and its
 client built on first use: a mount whose environment names the endpoint, region and keys never
 needs it (docs/adr/0018).
@@ -16,12 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from email.utils import parsedate_to_datetime
 from typing import Iterator
 from urllib.parse import quote, urlsplit
-from xml.etree import ElementTree
 
-import urllib3
 
 from .. import config
 from ..errors import ObjectNotFound, StoreNotFound, StorePermissionError, StoreUnavailable
@@ -244,8 +242,9 @@ class NotDirect(Exception):
 
 
 class DirectGet:
-    """Whole-object GETs signed with SigV4 and sent with urllib3, without a boto3 call around them
-    (docs/adr/0010).
+    """Whole-object GETs signed with SigV4 and sent without a boto3 call around them (docs/adr/0010):
+    over plain http by :mod:`mlfs.rawhttp` (one ``recv`` per body, docs/adr/0020), over https by
+    urllib3.
 
     A boto3 ``get_object`` costs ~3.3 ms of CPU here before a byte moves (parameter validation,
     endpoint rules, event hooks, response parsing); this path ~0.75 ms, and a cold read makes one
@@ -264,10 +263,10 @@ class DirectGet:
         self.store = store
         self.base_url = base_url
         self.sign = sign  # (method, url) -> headers
-        kw = {"ca_certs": ca_certs, "cert_reqs": "CERT_REQUIRED"} if ca_certs else {}
-        self.pool = urllib3.PoolManager(maxsize=max_connections, retries=False, **kw)
-        self.timeout = urllib3.Timeout(connect=config.S3_CONNECT_TIMEOUT,
-                                       read=config.S3_READ_TIMEOUT)
+        self._pool_args = {"maxsize": max_connections, "retries": False,
+                           **({"ca_certs": ca_certs, "cert_reqs": "CERT_REQUIRED"} if ca_certs
+                              else {})}
+        self._pool = None
         # Plain http: bodies read with one recv each (mlfs.rawhttp, docs/adr/0020).
         self.raw = None
         parts = urlsplit(base_url)
@@ -277,6 +276,18 @@ class DirectGet:
             self.raw = RawHttp(parts.hostname or "", parts.port or 80,
                                connect_timeout=config.S3_CONNECT_TIMEOUT,
                                read_timeout=config.S3_READ_TIMEOUT, max_idle=max_connections)
+
+    @property
+    def pool(self):
+        """urllib3's pool, made (and urllib3 imported: ~0.05 s, ~100 modules) on first use: a
+        mount over plain http never needs it."""
+        if self._pool is None:
+            import urllib3
+
+            self._pool = urllib3.PoolManager(**self._pool_args)
+            self.timeout = urllib3.Timeout(connect=config.S3_CONNECT_TIMEOUT,
+                                           read=config.S3_READ_TIMEOUT)
+        return self._pool
 
     def _send(self, method: str, url: str, key: str) -> tuple[int, bytes, dict]:
         """``(status, body, headers)`` of an unredirected, signed *method* *url*; ConnectionError
@@ -289,9 +300,12 @@ class DirectGet:
             except OSError as e:  # refused, reset, timed out, cut short, malformed
                 raise ConnectionError(f"{method} {key}: {type(e).__name__}: {e}") from None
             return resp.status, resp.body, resp.headers
+        import urllib3
+
+        pool = self.pool
         try:
-            resp = self.pool.request(method, url, headers=self.sign(method, url),
-                                     preload_content=False, redirect=False, timeout=self.timeout)
+            resp = pool.request(method, url, headers=self.sign(method, url),
+                                preload_content=False, redirect=False, timeout=self.timeout)
             try:
                 body = resp.read(decode_content=False) if method == "GET" else b""
             finally:
@@ -355,6 +369,8 @@ class DirectGet:
         chunk it will need is there; boto3 would cost the daemon its import first)."""
         status, _, headers = self._send("HEAD", self.base_url + quote(full_key, safe="/~"), key)
         if status == 200:
+            from email.utils import parsedate_to_datetime
+
             try:
                 size = int(headers.get("content-length", ""))
                 mtime = parsedate_to_datetime(headers.get("last-modified", "")).timestamp()
@@ -385,6 +401,8 @@ class DirectGet:
 
 def _error_code(body: bytes) -> str:
     """The ``<Code>`` of an S3 error document, or "" if there is none."""
+    from xml.etree import ElementTree
+
     try:
         node = ElementTree.fromstring(body).find("Code") if body else None
     except ElementTree.ParseError:
