@@ -98,8 +98,7 @@ def main() -> None:
 
         def raw_get(k: str) -> bytes:
             url = store.direct.base_url + k
-            resp = raw.request("GET", "/bench/" + k, store.direct.sign("GET", url),
-                               max_body=size + 1)
+            resp = raw.request("GET", url, store.direct.sign("GET", url), max_body=size + 1)
             assert resp.status == 200, resp.status
             return resp.body
 

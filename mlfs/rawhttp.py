@@ -24,6 +24,9 @@ import socket
 import struct
 import threading
 
+from urllib.parse import urlsplit
+
+from . import config
 from .buffers import unfilled
 
 MAX_HEAD = 64 << 10  # status line + headers
@@ -56,6 +59,13 @@ class RawHttp:
         self.max_idle = max_idle
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_url(cls, url: str, max_idle: int) -> RawHttp:
+        """A pool for the host of *url* (``http://``), with mlfs's connect and read timeouts."""
+        parts = urlsplit(url)
+        return cls(parts.hostname or "", parts.port or 80, connect_timeout=config.S3_CONNECT_TIMEOUT,
+                   read_timeout=config.S3_READ_TIMEOUT, max_idle=max_idle)
 
     def close(self) -> None:
         with self._lock:
@@ -103,21 +113,30 @@ class RawHttp:
         s.close()
 
     # -- requests ---------------------------------------------------------------------------------
-    def request(self, method: str, target: str, headers: dict[str, str], *,
+    def request(self, method: str, url: str, headers: dict[str, str], *,
                 max_body: int) -> Response:
-        """Send *method* *target* (an absolute path with its query) and read the response.
+        """Send *method* for *url* (on this pool's host; its path and query are sent) and read
+        the response.
 
-        A body longer than *max_body* raises ``ConnectionError`` before it is read.  A reused
+        A body longer than *max_body* raises :class:`TooLarge` before it is read.  A reused
         connection that fails before a byte of the response is retried once on a new one (the
         server may have closed it between the check and the send)."""
+        parts = urlsplit(url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         head = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
         head += [f"{k}: {v}" for k, v in headers.items() if k.lower() != "host"]
         data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
         for attempt in (0, 1):
             s, reused = self._take()
+            fresh = not reused or attempt == 1
             try:
-                s.sendall(data)
-                resp, keep = _read_response(s, method, max_body, fresh=not reused or attempt)
+                try:
+                    s.sendall(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    if fresh:
+                        raise
+                    raise _Stale() from None
+                resp, keep = _read_response(s, method, max_body, fresh)
             except _Stale:
                 s.close()
                 continue
@@ -136,13 +155,20 @@ class _Stale(Exception):
     """A reused connection was closed before any response byte."""
 
 
+def _recv(s: socket.socket, n: int, what: str) -> bytes:
+    """Up to *n* bytes, b"" at the end of the stream; TimeoutError when nothing came within the
+    read timeout (``SO_RCVTIMEO`` makes a blocking ``recv`` fail with EAGAIN)."""
+    try:
+        return s.recv(n)
+    except BlockingIOError:
+        raise TimeoutError(f"{what} stalled") from None
+
+
 def _recv_head(s: socket.socket, fresh: bool) -> tuple[bytes, bytearray]:
     buf = bytearray()
     while True:
         try:
-            part = s.recv(16384)
-        except BlockingIOError:
-            raise TimeoutError("no response within the read timeout") from None
+            part = _recv(s, 16384, "response")
         except ConnectionResetError:
             if not buf and not fresh:
                 raise _Stale() from None
@@ -210,10 +236,7 @@ def _read_exact(s: socket.socket, rest: bytearray, n: int) -> bytes:
     if n < (64 << 10):
         buf = bytearray(rest)
         while len(buf) < n:
-            try:
-                part = s.recv(n - len(buf))
-            except BlockingIOError:
-                raise TimeoutError(f"body stalled at {len(buf)} of {n} bytes") from None
+            part = _recv(s, n - len(buf), f"body at {len(buf)} of {n} bytes")
             if not part:
                 raise ConnectionError(f"connection closed at {len(buf)} of {n} body bytes")
             buf += part
@@ -242,10 +265,7 @@ def _read_chunked(s: socket.socket, rest: bytearray, max_body: int) -> bytes:
 
     def need(k: int) -> None:
         while len(buf) - pos < k:
-            try:
-                part = s.recv(65536)
-            except BlockingIOError:
-                raise TimeoutError("chunked body stalled") from None
+            part = _recv(s, 65536, "chunked body")
             if not part:
                 raise ConnectionError("connection closed in a chunked body")
             buf.extend(part)
@@ -289,10 +309,7 @@ def _read_chunked(s: socket.socket, rest: bytearray, max_body: int) -> bytes:
 def _read_to_close(s: socket.socket, rest: bytearray, max_body: int) -> bytes:
     out = bytearray(rest)
     while True:
-        try:
-            part = s.recv(1 << 20)
-        except BlockingIOError:
-            raise TimeoutError("body stalled") from None
+        part = _recv(s, 1 << 20, "body")
         if not part:
             return bytes(out)
         out += part

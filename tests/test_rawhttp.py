@@ -73,13 +73,14 @@ def test_bodies_come_whole_and_connections_are_kept_alive():
 
     srv = Scripted([ok(b"hello"), trickle, ok(b"", "X-A: b\r\n")])
     c = srv.client()
-    r = c.request("GET", "/b/k%20x", {"Authorization": "sig"}, max_body=1 << 30)
+    r = c.request("GET", f"http://127.0.0.1:{srv.port}/b/k%20x?x-id=1", {"Authorization": "sig"},
+                  max_body=1 << 30)
     assert (r.status, bytes(r.body)) == (200, b"hello")
-    assert bytes(c.request("GET", "/big", {}, max_body=1 << 30).body) == big
-    r = c.request("HEAD", "/k", {}, max_body=0)
+    assert bytes(c.request("GET", "http://h/big", {}, max_body=1 << 30).body) == big
+    r = c.request("HEAD", "http://h/k", {}, max_body=0)
     assert r.headers["x-a"] == "b" and r.body == b""
     assert srv.connections == 1
-    assert srv.requests[0].startswith(b"GET /b/k%20x HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert srv.requests[0].startswith(b"GET /b/k%20x?x-id=1 HTTP/1.1\r\nHost: 127.0.0.1:")
     assert b"\r\nAuthorization: sig" in srv.requests[0]
 
 
@@ -88,9 +89,9 @@ def test_a_chunked_body_is_decoded():
     srv = Scripted([b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n" + body,
                     ok(b"next")])
     c = srv.client()
-    r = c.request("GET", "/", {}, max_body=100)
+    r = c.request("GET", "http://h/", {}, max_body=100)
     assert (r.status, r.body) == (404, b"Wikipedia in \r\n\r\nchunks.")
-    assert bytes(c.request("GET", "/", {}, max_body=100).body) == b"next"
+    assert bytes(c.request("GET", "http://h/", {}, max_body=100).body) == b"next"
     assert srv.connections == 1
 
 
@@ -101,10 +102,10 @@ def test_connection_close_and_a_closed_idle_connection_mean_a_new_one():
 
     srv = Scripted([ok(b"zero", "Connection: close\r\n"), answer_then_close, ok(b"two")])
     c = srv.client()
-    assert bytes(c.request("GET", "/", {}, max_body=10).body) == b"zero"
-    assert bytes(c.request("GET", "/", {}, max_body=10).body) == b"one"
+    assert bytes(c.request("GET", "http://h/", {}, max_body=10).body) == b"zero"
+    assert bytes(c.request("GET", "http://h/", {}, max_body=10).body) == b"one"
     time.sleep(0.1)
-    assert bytes(c.request("GET", "/", {}, max_body=10).body) == b"two"
+    assert bytes(c.request("GET", "http://h/", {}, max_body=10).body) == b"two"
     assert srv.connections == 3
 
 
@@ -130,7 +131,7 @@ def test_a_bad_response_is_a_connection_error(reply, message):
 
     c = Scripted([send_and_close]).client()
     with pytest.raises(ConnectionError, match=message):
-        c.request("GET", "/", {}, max_body=100)
+        c.request("GET", "http://h/", {}, max_body=100)
 
 
 def test_a_stalled_body_times_out():
@@ -141,6 +142,6 @@ def test_a_stalled_body_times_out():
 
     c = Scripted([stall]).client(read_timeout=0.5)
     t = time.monotonic()
-    with pytest.raises(TimeoutError, match="stalled at 3 of 10"):
-        c.request("GET", "/", {}, max_body=100)
+    with pytest.raises(TimeoutError, match="body at 3 of 10 bytes stalled"):
+        c.request("GET", "http://h/", {}, max_body=100)
     assert time.monotonic() - t < 2.5

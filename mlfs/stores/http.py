@@ -58,9 +58,7 @@ class HttpStore(Store):
         # docs/adr/0020).  A body encoded unasked is asked again through urllib3, which decodes.
         self.raw = None
         if parts.scheme == "http" and not proxy and config.RAW_HTTP:
-            self.raw = RawHttp(parts.hostname or "", parts.port or 80,
-                               connect_timeout=config.S3_CONNECT_TIMEOUT,
-                               read_timeout=config.S3_READ_TIMEOUT, max_idle=max_connections)
+            self.raw = RawHttp.for_url(url, max_connections)
 
     @property
     def pool(self):
@@ -86,8 +84,7 @@ class HttpStore(Store):
         limit = MAX_INDEX if key == INDEX_KEY else config.MAX_CHUNK_SIZE + (1 << 20)
         if self.raw is not None:
             try:
-                resp = self.raw.request(method, url[url.index("/", url.index("//") + 2):],
-                                        self.headers, max_body=limit)
+                resp = self.raw.request(method, url, self.headers, max_body=limit)
             except TooLarge:
                 raise StoreError(f"{key} in {self.url} is larger than any object mlfs writes") \
                     from None

@@ -273,9 +273,7 @@ class DirectGet:
         if parts.scheme == "http" and config.RAW_HTTP:
             from ..rawhttp import RawHttp
 
-            self.raw = RawHttp(parts.hostname or "", parts.port or 80,
-                               connect_timeout=config.S3_CONNECT_TIMEOUT,
-                               read_timeout=config.S3_READ_TIMEOUT, max_idle=max_connections)
+            self.raw = RawHttp.for_url(base_url, max_connections)
 
     @property
     def pool(self):
@@ -294,8 +292,7 @@ class DirectGet:
         for anything that did not bring a whole response."""
         if self.raw is not None:
             try:
-                resp = self.raw.request(method, url[url.index("/", url.index("//") + 2):],
-                                        self.sign(method, url),
+                resp = self.raw.request(method, url, self.sign(method, url),
                                         max_body=config.MAX_CHUNK_SIZE + (1 << 20))
             except OSError as e:  # refused, reset, timed out, cut short, malformed
                 raise ConnectionError(f"{method} {key}: {type(e).__name__}: {e}") from None
