@@ -1,4 +1,5 @@
-"""The mount's data-plane S3 client (the direct GET path, docs/adr/0010) against obstore (Rust
+"""The mount's data-plane S3 client (the direct GET path, docs/adr/0010) over plain http — its
+own sockets (mlfs.rawhttp, docs/adr/0020) and urllib3 (https's path) — against obstore (Rust
 object_store bindings): CPU per GiB and wall time to GET the same objects, each verified with
 blake3 as the mount does.
 
@@ -92,22 +93,17 @@ def main() -> None:
         ob = ObStore("bench", endpoint=endpoint, access_key_id="S3RVER",
                      secret_access_key="S3RVER", region="us-east-1", virtual_hosted_style_request=False,
                      client_options={"allow_http": True})
-        from mlfs.rawhttp import RawHttp
-
-        raw = RawHttp(link.origin_ip, 4569, connect_timeout=5, read_timeout=30)
-
-        def raw_get(k: str) -> bytes:
-            url = store.direct.base_url + k
-            resp = raw.request("GET", url, store.direct.sign("GET", url), max_body=size + 1)
-            assert resp.status == 200, resp.status
-            return resp.body
+        assert store.direct.raw is not None  # plain http: mlfs.rawhttp
+        via_urllib3 = open_store("s3://bench")
+        via_urllib3.direct.raw = None  # what https and MLFS_RAW_HTTP=0 take
 
         results: dict[str, list] = {}
         for _ in range(args.rounds):
             r: dict = {}
-            timed("mlfs direct GET (urllib3)", lambda k: store.direct.get(k, k), keys,
+            timed("mlfs direct GET, mlfs.rawhttp", lambda k: store.direct.get(k, k), keys,
                   args.threads, size, r)
-            timed("raw socket, MSG_WAITALL", raw_get, keys, args.threads, size, r)
+            timed("mlfs direct GET, urllib3", lambda k: via_urllib3.direct.get(k, k), keys,
+                  args.threads, size, r)
             timed("obstore get (Rust, threads)", lambda k: obstore.get(ob, k).bytes(), keys,
                   args.threads, size, r)
             for k, v in r.items():

@@ -20,7 +20,6 @@ import threading
 from typing import Iterator
 from urllib.parse import quote, urlsplit
 
-
 from .. import config
 from ..errors import ObjectNotFound, StoreNotFound, StorePermissionError, StoreUnavailable
 from .base import ObjectInfo, Store
