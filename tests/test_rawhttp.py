@@ -145,3 +145,25 @@ def test_a_stalled_body_times_out():
     with pytest.raises(TimeoutError, match="body at 3 of 10 bytes stalled"):
         c.request("GET", "http://h/", {}, max_body=100)
     assert time.monotonic() - t < 2.5
+
+
+def test_a_send_refused_on_a_reused_connection_is_retried_on_a_new_one(monkeypatch):
+    """The server may close an idle connection between the check for that and the send: the
+    send fails (here: a socket already shut for writing, EPIPE) and the request goes out again
+    on a new connection, once."""
+    srv = Scripted([ok(b"first"), ok(b"again")])
+    c = srv.client()
+    assert bytes(c.request("GET", "http://h/", {}, max_body=10).body) == b"first"
+    dead = c._idle.pop()
+    dead.shutdown(socket.SHUT_WR)
+    real_take = c._take
+    handed = []
+
+    def take():
+        if not handed:
+            handed.append(dead)
+            return dead, True
+        return real_take()
+    monkeypatch.setattr(c, "_take", take)
+    assert bytes(c.request("GET", "http://h/", {}, max_body=10).body) == b"again"
+    assert srv.connections == 2 and dead.fileno() == -1
