@@ -9,7 +9,7 @@ kernel fills it as segments arrive and the thread returns to Python once per obj
 
 This is the path only for what it can do exactly: ``http://`` (an ``ssl`` socket takes no
 ``MSG_WAITALL``), no proxy, responses with a ``Content-Length`` or chunked bodies, HTTP/1.1
-keep-alive.  Redirects are not followed: a 3xx is returned to the caller like any status.  The
+keep-alive.  Redirects are not followed here: a 3xx is returned to the caller like any status.  The
 caller checks statuses and verifies bodies; responses are untrusted, so sizes are bounded and a
 malformed response is a ``ConnectionError`` (temporary: the caller retries on a new connection).
 
@@ -66,6 +66,12 @@ class RawHttp:
         parts = urlsplit(url)
         return cls(parts.hostname or "", parts.port or 80, connect_timeout=config.S3_CONNECT_TIMEOUT,
                    read_timeout=config.S3_READ_TIMEOUT, max_idle=max_idle)
+
+    def serves(self, url: str) -> bool:
+        """Whether *url* is plain http on this pool's host and port."""
+        parts = urlsplit(url)
+        return parts.scheme == "http" and parts.hostname == self.host \
+            and (parts.port or 80) == self.port
 
     def close(self) -> None:
         with self._lock:

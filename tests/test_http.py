@@ -182,6 +182,41 @@ def test_a_compressed_answer_is_asked_again_through_urllib3(published, tmp_path)
         web.stop()
 
 
+def test_redirects_are_followed_and_the_token_stays_with_the_store(published, tmp_path,
+                                                                    monkeypatch):
+    """A store that redirects (a CDN handing out signed URLs) is followed, up to 5 hops; the
+    MLFS_HTTP_HEADER token goes to the store's own origin only; a loop or a redirect off http(s)
+    is a one-line StoreError."""
+    from mlfs import config
+    from mlfs.errors import StoreError
+
+    monkeypatch.setattr(config, "HTTP_HEADER", "X-Mlfs-Token: secret")
+    tok = "log_format tok '$request_uri token=$http_x_mlfs_token';"
+    blobs = Nginx(tmp_path / "blobs", f"root {published.root}; access_log {tmp_path}/blobs.log tok;"
+                  "location / { try_files $uri =404; }", http_extra=tok)
+    front = Nginx(tmp_path / "front", f"""access_log {tmp_path}/front.log tok;
+    location /loop/ {{ return 302 /loop/again; }}
+    location /ftp/ {{ return 302 ftp://example.invalid/x; }}
+    location /here/ {{ rewrite ^/here/(.*)$ /there/$1 redirect; }}
+    location ~ ^/there/(.*)$ {{ return 307 {blobs.url}/$1; }}""", http_extra=tok)
+    try:
+        store = open_store(front.url + "/here")
+        m = store.load_manifest("minilm", "v1")
+        f = m.files[0]
+        assert store.get_chunk_verified(f.chunk_ids[0], f.chunk_sizes[0])
+        front_log = (tmp_path / "front.log").read_text().splitlines()
+        blobs_log = (tmp_path / "blobs.log").read_text().splitlines()
+        assert front_log and all(line.endswith("token=secret") for line in front_log)
+        assert blobs_log and all(line.endswith("token=-") for line in blobs_log)  # none
+        for prefix, message in (("/loop", "more than 5 redirects"),
+                                ("/ftp", r"not an http\(s\) URL")):
+            with pytest.raises(StoreError, match=message):
+                open_store(front.url + prefix).get_manifest_bytes("minilm", "v1")
+    finally:
+        front.stop()
+        blobs.stop()
+
+
 def test_http_store_without_an_index_says_so(tmp_path, family):
     store = open_store(str(tmp_path / "store"), create=True)
     generate(family["v1"], store, "minilm", "v1")

@@ -10,7 +10,8 @@ Nothing read here is trusted: chunks are verified against their ids by the calle
 manifests are validated and digest-checked, the index is validated.  Connections are kept alive
 and pooled (mlfs.rawhttp for plain http, urllib3 for https and proxies); ``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY`` are honoured, so a site proxy or a
 P2P daemon (Dragonfly's dfdaemon) can sit in front; ``MLFS_HTTP_HEADER="Name: value"`` adds one
-header to every request (a bearer token, say).  Errors are classified as for S3: refused
+header to every request to the store's own origin (a bearer token, say).  Redirects (a CDN handing
+out signed URLs) are followed, up to 5 per request, and the header is not sent across origins.  Errors are classified as for S3: refused
 connections, timeouts, resets, truncated bodies, 429 and 5xx are temporary (retried by
 ``Store.retry``); 404 is a missing object; 401/403 a refusal; anything else a one-line StoreError.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import os
 from typing import Iterator
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 
 from .. import config
@@ -79,12 +80,36 @@ class HttpStore(Store):
     def is_temp_failure(self, exc: BaseException) -> bool:
         return isinstance(exc, (StoreUnavailable, ConnectionError, TimeoutError))
 
+    #: Redirects followed per request (a CDN or object store handing out a signed URL).
+    MAX_REDIRECTS = 5
+
     def _request(self, method: str, key: str) -> tuple[int, bytes, dict]:
+        """``(status, body, headers)`` for *key*, after up to MAX_REDIRECTS redirects.  A header
+        from ``MLFS_HTTP_HEADER`` (a token, say) goes only to the store's own origin; a redirect
+        elsewhere than http(s) is an error."""
         url = self.base + quote(key, safe="/~")
+        origin = urlsplit(self.url)[:2]
+        headers = self.headers
+        for _ in range(self.MAX_REDIRECTS + 1):
+            status, body, got = self._request_url(method, url, key, headers)
+            location = got.get("location")
+            if status not in (301, 302, 303, 307, 308) or not location:
+                return status, body, got
+            url = urljoin(url, location)
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise StoreError(f"{key} in {self.url}: redirected to {location[:100]!r}, "
+                                 "not an http(s) URL")
+            if parts[:2] != origin:
+                headers = {"User-Agent": self.headers["User-Agent"]}
+        raise StoreError(f"{key} in {self.url}: more than {self.MAX_REDIRECTS} redirects")
+
+    def _request_url(self, method: str, url: str, key: str,
+                     headers: dict) -> tuple[int, bytes, dict]:
         limit = MAX_INDEX if key == INDEX_KEY else config.MAX_CHUNK_SIZE + (1 << 20)
-        if self.raw is not None:
+        if self.raw is not None and self.raw.serves(url):
             try:
-                resp = self.raw.request(method, url, self.headers, max_body=limit)
+                resp = self.raw.request(method, url, headers, max_body=limit)
             except TooLarge:
                 raise StoreError(f"{key} in {self.url} is larger than any object mlfs writes") \
                     from None
@@ -96,8 +121,8 @@ class HttpStore(Store):
 
         pool = self.pool
         try:
-            resp = pool.request(method, url, headers=self.headers, preload_content=False,
-                                redirect=True, timeout=self.timeout)
+            resp = pool.request(method, url, headers=headers, preload_content=False,
+                                redirect=False, timeout=self.timeout)
             try:
                 body = resp.read(limit + 1, decode_content=True) if method == "GET" else b""
             except BaseException:
@@ -117,7 +142,7 @@ class HttpStore(Store):
             if length is not None and "Content-Encoding" not in resp.headers \
                     and length != str(len(body)):
                 raise ConnectionError(f"GET {key}: {len(body)} bytes, Content-Length {length[:20]!r}")
-        return status, body, resp.headers
+        return status, body, {k.lower(): v for k, v in resp.headers.items()}
 
     def _check_status(self, status: int, key: str) -> None:
         if status in (200, 204):
