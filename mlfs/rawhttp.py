@@ -157,6 +157,11 @@ class RawHttp:
         raise ConnectionError("the server closed two connections without answering")
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 class _Stale(Exception):
     """A reused connection was closed before any response byte."""
 
@@ -196,7 +201,7 @@ def _read_response(s: socket.socket, method: str, max_body: int,
     raw, rest = _recv_head(s, fresh)
     lines = raw.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit() \
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not _digits(parts[1]) \
             or len(parts[1]) != 3:
         raise ConnectionError(f"not an HTTP/1.x response: {lines[0][:60]!r}")
     status = int(parts[1])
@@ -226,7 +231,7 @@ def _read_response(s: socket.socket, method: str, max_body: int,
     if length is None:
         body = _read_to_close(s, rest, max_body)
         return Response(status, headers, body), False
-    if not length.isdigit() or len(length) > 15:
+    if not _digits(length) or len(length) > 15:
         raise ConnectionError(f"bad Content-Length {length[:20]!r}")
     n = int(length)
     if n > max_body:

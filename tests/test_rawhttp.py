@@ -113,6 +113,8 @@ def test_connection_close_and_a_closed_idle_connection_mean_a_new_one():
     (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "closed at 5 of 10"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", "more than the 100"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n", "bad Content-Length"),  # a superscript 2
+    (b"HTTP/1.1 2\xb2\xb2 OK\r\n\r\n", "not an HTTP/1.x response"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", "conflicting"),
     (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP/1.x response"),
     (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed response header"),
