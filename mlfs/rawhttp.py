@@ -64,7 +64,8 @@ class RawHttp:
     def for_url(cls, url: str, max_idle: int) -> RawHttp:
         """A pool for the host of *url* (``http://``), with mlfs's connect and read timeouts."""
         parts = urlsplit(url)
-        return cls(parts.hostname or "", parts.port or 80, connect_timeout=config.S3_CONNECT_TIMEOUT,
+        return cls(parts.hostname or "", parts.port or 80,
+                   connect_timeout=config.S3_CONNECT_TIMEOUT,
                    read_timeout=config.S3_READ_TIMEOUT, max_idle=max_idle)
 
     def serves(self, url: str) -> bool:

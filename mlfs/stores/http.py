@@ -8,12 +8,14 @@ a CDN, an HTTP cache, or ``mlfs serve``.  Chunks, manifests and aliases are plai
 
 Nothing read here is trusted: chunks are verified against their ids by the caller (as from S3),
 manifests are validated and digest-checked, the index is validated.  Connections are kept alive
-and pooled (mlfs.rawhttp for plain http, urllib3 for https and proxies); ``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY`` are honoured, so a site proxy or a
-P2P daemon (Dragonfly's dfdaemon) can sit in front; ``MLFS_HTTP_HEADER="Name: value"`` adds one
-header to every request to the store's own origin (a bearer token, say).  Redirects (a CDN handing
-out signed URLs) are followed, up to 5 per request, and the header is not sent across origins.  Errors are classified as for S3: refused
-connections, timeouts, resets, truncated bodies, 429 and 5xx are temporary (retried by
-``Store.retry``); 404 is a missing object; 401/403 a refusal; anything else a one-line StoreError.
+and pooled (mlfs.rawhttp for plain http, urllib3 for https and proxies).
+``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY`` are honoured, so a site proxy or a P2P daemon
+(Dragonfly's dfdaemon) can sit in front.  ``MLFS_HTTP_HEADER="Name: value"`` adds one header to
+every request to the store's own origin (a bearer token, say).  Redirects (a CDN handing out
+signed URLs) are followed, up to 5 per request; the header is not sent across origins.  Errors
+are classified as for S3: refused connections, timeouts, resets, truncated bodies, 429 and 5xx
+are temporary (retried by ``Store.retry``); 404 is a missing object; 401/403 a refusal; anything
+else a one-line StoreError.
 """
 
 from __future__ import annotations
