@@ -9,7 +9,8 @@ on this VM (0.15 s with ``O_DIRECT``) and ~0.75 s per GiB read (~0.2 s).
 page size is a multiple of every block size in use), and lengths are rounded up to whole pages.
 Writes go through a page-aligned staging region that each thread keeps and reuses; a write of the
 rounded length is cut back to the true size with ``ftruncate``.  Reads go straight into a
-page-aligned window of a fresh ``bytearray`` (:func:`read_direct`) and stop at the end of the file.
+page-aligned window of a new ``bytes`` object, not zeroed first (:func:`read_direct`,
+:mod:`mlfs.buffers`), and stop at the end of the file.
 
 File systems without ``O_DIRECT`` (``open`` fails with ``EINVAL``) get the same calls through the page
 cache; :func:`supported` tells which applies to a directory.

@@ -380,7 +380,7 @@ class DirectGet:
         raise NotDirect(f"HTTP {status}")
 
     def get(self, full_key: str, key: str) -> bytes:
-        """The object's body (bytes-like: a ``bytearray`` from the raw path)."""
+        """The object's body."""
         status, body, _ = self._send("GET", self.base_url + quote(full_key, safe="/~"), key)
         if status == 200:
             return body
