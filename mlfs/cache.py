@@ -166,6 +166,14 @@ class ChunkCache:
             self._local.db = db
         return db
 
+    def close(self) -> None:
+        """Close the calling thread's connection to the index (before a fork, or as a thread
+        that used the cache ends); the next use opens another."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            self._local.db = None
+            db.close()
+
     def path(self, chunk_id: str) -> Path:
         return self.root / "chunks" / chunk_id[:2] / chunk_id
 

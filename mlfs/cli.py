@@ -302,23 +302,25 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
 
         return resolve(manifest_src, store_url, model_id=model_id, version=version,
                        endpoint_url=endpoint_url)
-    # The manifest is fetched while pyfuse3 and trio are imported: the two take 0.15 and 0.19 s
-    # of a cold start, and neither needs the other (docs/adr/0019).
+    # The manifest is fetched while the rest of the start is imported (docs/adr/0019).
     finding = _Background(find)
-    from .mount import MountOptions, check_mountpoint, daemonize, serve
-    opts = MountOptions(cache_dir=cache, cache_size=config.parse_size(cache_size),
-                        allow_other=allow_other, prefetch_all=prefetch == "all",
-                        switch_warm=warm_switch, switch_check=not no_warm,
-                        catalog_poll=poll, digest=digest,
-                        memory_bytes=config.parse_size(memory), timeout=timeout,
-                        read_ahead_kb=config.parse_size(read_ahead) // 1024,
-                        allow_model_change=allow_model_change, on_switch=on_switch,
-                        metrics_file=os.path.abspath(metrics_file) if metrics_file else None,
-                        debug=debug)
+    from . import launch
+    early = launch.early_mount_possible(catalog)
+    if not early:  # the daemon mounts once pyfuse3 and trio are in: import them meanwhile
+        from .mount import serve
+    opts = launch.MountOptions(cache_dir=cache, cache_size=config.parse_size(cache_size),
+                               allow_other=allow_other, prefetch_all=prefetch == "all",
+                               switch_warm=warm_switch, switch_check=not no_warm,
+                               catalog_poll=poll, digest=digest,
+                               memory_bytes=config.parse_size(memory), timeout=timeout,
+                               read_ahead_kb=config.parse_size(read_ahead) // 1024,
+                               allow_model_change=allow_model_change, on_switch=on_switch,
+                               metrics_file=os.path.abspath(metrics_file) if metrics_file else None,
+                               debug=debug)
     if manifest_src and os.path.isfile(manifest_src):
         opts.watch = os.path.abspath(manifest_src)
     if not foreground:
-        check_mountpoint(mountpoint)  # fail fast, with the message in this terminal
+        launch.check_mountpoint(mountpoint)  # fail fast, with the message in this terminal
     try:
         m, store = finding.result()
     except MlfsError as e:
@@ -329,7 +331,11 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
         _setup_logging(debug, log_file)
         ready = _ready_writer(ready_fd, echo=True)
         try:
-            serve(m, store, mountpoint, opts, ready=ready)
+            if early:  # mounted and reported first; pyfuse3 and trio are imported afterwards
+                kmount, warning = launch.prepare(m, store, mountpoint, opts)
+                _serve_early(kmount, ready, warning, m, store, mountpoint, opts)
+            else:
+                serve(m, store, mountpoint, opts, ready=ready)
         except MlfsError as e:
             ready(e)
             raise
@@ -338,12 +344,26 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
     # The daemon is this process, forked once the manifest is in hand: no second interpreter to
     # start, import and resolve again (docs/adr/0017).
     logf = Path(log_file) if log_file else cache / "logs" / f"mount-{os.getpid()}.log"
+    if early:
+        # This process makes the kernel mount and reports it; the daemon imports pyfuse3 and trio
+        # afterwards, while the caller goes on (requests wait in the kernel until it answers).
+        kmount, warning = launch.prepare(m, store, mountpoint, opts)
 
-    def child(fd: int) -> None:
-        _setup_logging(debug, str(logf))
-        serve(m, store, mountpoint, opts, ready=_ready_writer(fd))
+        def child(_fd) -> None:
+            _setup_logging(debug, str(logf))
+            _serve_early(kmount, None, None, m, store, mountpoint, opts)
+        try:
+            pid, _ = launch.daemonize(child, logf, wait=False)
+        except BaseException:
+            kmount.unmount()
+            raise
+        os.close(kmount.fd)  # the daemon's now: its end closes the connection
+    else:
+        def child(fd: int) -> None:
+            _setup_logging(debug, str(logf))
+            serve(m, store, mountpoint, opts, ready=_ready_writer(fd))
 
-    pid, warning = daemonize(child, logf)
+        pid, warning = launch.daemonize(child, logf)
     if warning:
         click.echo(f"mlfs: warning: {warning}", err=True)
     click.echo(f"mounted at {mountpoint} (pid {pid}, log {logf})", err=True)
@@ -352,6 +372,22 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _serve_early(kmount, ready, warning, *args) -> None:
+    """Serve a kernel mount made already (launch.prepare): report it, catch signals, then import
+    pyfuse3 and trio and serve; the mount is taken down however this ends."""
+    from . import launch
+
+    early = launch.EarlySignals()
+    try:
+        if ready is not None:
+            ready(warning)
+        from .mount import serve
+
+        serve(*args, kmount=kmount, early=early)
+    finally:
+        kmount.unmount()
 
 
 class _Background:

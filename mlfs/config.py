@@ -43,6 +43,9 @@ S3_READ_TIMEOUT = float(os.environ.get("MLFS_S3_READ_TIMEOUT", "10"))
 S3_DIRECT = os.environ.get("MLFS_S3_DIRECT", "1") != "0"
 #: ``MLFS_RAW_HTTP=0`` reads plain-http bodies through urllib3 instead of :mod:`mlfs.rawhttp`.
 RAW_HTTP = os.environ.get("MLFS_RAW_HTTP", "1") != "0"
+#: ``MLFS_EARLY_MOUNT=0``: a root ``mlfs mount`` lets its daemon make the kernel mount once it has
+#: imported pyfuse3 and trio, instead of making it itself first (docs/adr/0021).
+EARLY_MOUNT = os.environ.get("MLFS_EARLY_MOUNT", "1") != "0"
 
 #: ``MLFS_HTTP_HEADER="Name: value"``: one header sent with every request to an HTTP store.
 HTTP_HEADER = os.environ.get("MLFS_HTTP_HEADER", "")

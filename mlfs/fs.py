@@ -414,10 +414,10 @@ class Operations(pyfuse3.Operations):
                 log.info("load of %s recognised, but it is over half the cache: not streamed",
                          entry.path)
                 return
-            log.info("load of %s recognised (%s order): streaming the rest of it", entry.path,
-                     det.order)
+            log.info("load of %s recognised (%s order%s): streaming the rest of it", entry.path,
+                     det.order, ", tensor heads first" if det.by_starts else "")
             self.loads_recognised += 1
-            order = stream_order(entry, det.order)
+            order = stream_order(entry, det.order, heads_first=det.by_starts)
             self.supervisor.start(f"stream of {entry.path}",
                                   lambda: self._stream(h.inode, entry, order))
 

@@ -14,13 +14,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyfuse3
 import trio
@@ -31,82 +27,17 @@ from .client import clean_runtime_dir, control_socket_path
 from .errors import MlfsError, MountError, StoreUnavailable
 from .fetch import ChunkSource
 from .fs import Operations
-from .manifest import Manifest, match_prefetch
+from .launch import (EarlySignals, KernelMount, MountOptions, check_mountpoint,  # noqa: F401
+                     fuse_options, fuse_problem, prefetch_set)
+from .manifest import Manifest
 from .stores import Store
 from .supervise import Supervisor
 from .tree import Inodes, Tree
 
 log = logging.getLogger("mlfs.mount")
 
-#: Kernel read-ahead for the mount (KiB) and FUSE's async request window; both are best-effort
-#: (root only) and make sequential and mmap reads stream instead of crawling 128 KiB at a time.
-READ_AHEAD_KB = 1024
+#: FUSE's async request window (best-effort, root only).
 MAX_BACKGROUND = 64
-
-
-@dataclass
-class MountOptions:
-    cache_dir: Path
-    cache_size: int
-    allow_other: bool = False
-    prefetch_all: bool = False
-    watch: str | None = None  # manifest file to watch for replacement
-    switch_warm: bool = False  # a watched manifest's switch: fetch everything before the flip
-    switch_check: bool = True  # ... or check the store holds it, flip, fetch (docs/adr/0019)
-    catalog_poll: float = config.DEFAULT_CATALOG_POLL
-    digest: str | None = None
-    memory_bytes: int = field(default_factory=lambda: config.parse_size(config.DEFAULT_MEMORY))
-    timeout: float = config.DEFAULT_READ_TIMEOUT
-    read_ahead_kb: int = READ_AHEAD_KB
-    allow_model_change: bool = False
-    on_switch: str | None = None  # shell command run after every switch
-    metrics_file: str | None = None  # Prometheus text kept current here
-    metrics_interval: float = 5.0
-    debug: bool = False
-
-
-def fuse_problem(allow_other: bool) -> str | None:
-    """Why a FUSE mount by this user cannot work, if a reason can be seen before trying."""
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse does not exist (load the fuse module; in a container: --device /dev/fuse)"
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        return ("no permission to open /dev/fuse (run as root, or give this user read/write "
-                "access to it)")
-    if os.geteuid() != 0:
-        if shutil.which("fusermount3") is None:
-            return "fusermount3 is not installed (Debian: apt-get install fuse3)"
-        if allow_other and not _user_allow_other():
-            return ("--allow-other needs 'user_allow_other' in /etc/fuse.conf when not mounting "
-                    "as root")
-    return None
-
-
-def _user_allow_other(path: str = "/etc/fuse.conf") -> bool:
-    try:
-        with open(path) as f:
-            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
-    except OSError:
-        return False
-
-
-def check_mountpoint(mountpoint: str) -> None:
-    if not os.path.isdir(mountpoint):
-        raise MountError(f"mount point {mountpoint} does not exist or is not a directory")
-    if os.path.ismount(mountpoint):
-        raise MountError(f"{mountpoint} is already a mount point (mlfs umount {mountpoint} first)")
-
-
-def prefetch_set(manifest: Manifest) -> list[tuple[str, int, str]]:
-    """Chunks to cache before the mount is ready: prefetch patterns + the first chunk (the header)
-    of every file with a tensor table (safetensors, GGUF, PyTorch zip)."""
-    out: dict[str, tuple[str, int, str]] = {}
-    for f in manifest.files:
-        if match_prefetch(manifest.prefetch, f.path):
-            for cid, size in zip(f.chunk_ids, f.chunk_sizes):
-                out[cid] = (cid, size, f.path)
-        elif f.tensors is not None and f.chunk_ids:
-            out[f.chunk_ids[0]] = (f.chunk_ids[0], f.chunk_sizes[0], f.path)
-    return list(out.values())
 
 
 #: malloc arenas (heaps) the daemon's threads share; see _reuse_freed_memory.
@@ -163,27 +94,43 @@ def _tune_kernel(mountpoint: str, read_ahead_kb: int) -> dict:
 
 
 def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts: MountOptions,
-          ready=None) -> None:
+          ready=None, *, kmount: KernelMount | None = None,
+          early: EarlySignals | None = None) -> None:
     """Mount and serve until unmounted or signalled.  *ready(error_or_None)* is called once.
 
     With a manifest, serve that version (switchable); with ``manifest=None``, serve the whole store
     as a catalog ``<id>/<version|alias>/...``, polled every ``opts.catalog_poll`` seconds.
     ``ready`` gets ``None``, or a warning string when the mount is up but degraded (the store did
     not answer), or the exception that stopped it before readiness.
+
+    With *kmount*, ``mlfs mount`` has made the kernel mount already and cached the prefetch set
+    (:func:`mlfs.launch.prepare`): serve its ``/dev/fuse`` descriptor, and take the kernel mount
+    down however this ends.  *early*: the signal handling installed before the imports.
     """
-    from .switch import CatalogView, Switcher
+    early = early or EarlySignals()
+    try:
+        _serve(manifest, store, mountpoint, opts, ready, kmount, early)
+    finally:
+        if kmount is not None:  # failed before the FUSE loop: the mount must not outlive us
+            kmount.unmount()
+
+
+def _serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts: MountOptions,
+           ready, kmount: KernelMount | None, early: EarlySignals) -> None:
+    from .switch import CatalogView, Switcher, bind_control
 
     mountpoint = os.path.abspath(mountpoint)
-    check_mountpoint(mountpoint)
-    problem = fuse_problem(opts.allow_other)
-    if problem:
-        raise MountError(f"cannot mount {mountpoint}: {problem}")
+    if kmount is None:
+        check_mountpoint(mountpoint)
+        problem = fuse_problem(opts.allow_other)
+        if problem:
+            raise MountError(f"cannot mount {mountpoint}: {problem}")
     _reuse_freed_memory()
     stale = clean_runtime_dir()
     if stale:
         log.info("removed %d files left by dead processes: %s", len(stale), ", ".join(stale))
     warning = None
-    if store is not None:
+    if store is not None and kmount is None:
         try:
             store.check_once()  # a missing bucket/directory: a clear error now, not EIO later
         except StoreUnavailable as e:  # down for now; a missing store or refused access raise
@@ -193,6 +140,10 @@ def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts:
         raise MountError(f"{manifest.ref} has digest {manifest.digest}, not the pinned {opts.digest}")
     cache = ChunkCache(opts.cache_dir, opts.cache_size)
     source = ChunkSource(store, cache, memory_bytes=opts.memory_bytes, timeout=opts.timeout)
+    if kmount is not None:  # what mlfs mount fetched before this daemon (docs/adr/0021)
+        source.counters.cache_misses += kmount.fetched[0]
+        source.counters.chunks_fetched += kmount.fetched[0]
+        source.counters.bytes_fetched += kmount.fetched[1]
     inodes = Inodes()
     catalog = None
     if manifest is not None:
@@ -221,18 +172,17 @@ def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts:
         switcher.on_switch = hook
 
     # Before the kernel mount: the prefetch set must be cached (a store that is down or a chunk
-    # that is missing fails the mount here, with a clear error, not the first read later).
-    if manifest is not None:
+    # that is missing fails the mount here, with a clear error, not the first read later).  An
+    # early mount's parent did that before it mounted.
+    if manifest is not None and kmount is None:
         trio.run(source.warm, prefetch_set(manifest))
+    # The control socket listens before the first FUSE request is answered: whoever learns its
+    # path from the stats attribute can connect at once (its requests wait in the backlog).
+    listeners = [bind_control(sock)]
 
-    options = set(pyfuse3.default_options)
-    options |= {f"fsname={fsname}", "subtype=mlfs", "ro", "nosuid", "nodev"}
-    if opts.allow_other:
-        options.add("allow_other")
-    if opts.debug:
-        options.add("debug")
     try:
-        pyfuse3.init(ops, mountpoint, options)
+        pyfuse3.init(ops, mountpoint if kmount is None else kmount.device_path,
+                     fuse_options(fsname, opts.allow_other, opts.debug))
     except RuntimeError as e:
         why = fuse_problem(opts.allow_other) or f"{e} (the lines above, from libfuse, say why)"
         raise MountError(f"cannot mount {mountpoint}: {why}") from None
@@ -243,7 +193,8 @@ def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts:
             nursery.start_soon(_signals, nursery)
             nursery.start_soon(_fuse_loop, nursery)
             supervisor.start("control socket", lambda: switcher.serve_control(
-                sock, digest=opts.digest, record=supervisor.record), restart=True)
+                sock, digest=opts.digest, record=supervisor.record,
+                listener=listeners.pop() if listeners else None), restart=True)
             if opts.watch:
                 supervisor.start("manifest watch", lambda: switcher.watch_file(
                     opts.watch, warm=opts.switch_warm, check=opts.switch_check, digest=opts.digest,
@@ -267,16 +218,21 @@ def serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts:
 
     async def _signals(nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            async for sig in sigs:
-                log.info("signal %s: unmounting", sig)
-                pyfuse3.terminate()
-                nursery.cancel_scope.cancel()
-                return
+            if early.caught is None:
+                async for sig in sigs:
+                    early.caught = sig
+                    break
+            log.info("signal %s: unmounting", early.caught)
+            pyfuse3.terminate()
+            nursery.cancel_scope.cancel()
 
+    early.unwind = False
     try:
         trio.run(main)
     finally:
-        pyfuse3.close(unmount=True)
+        if kmount is not None:  # libfuse did not mount, so it will not unmount: do it first
+            kmount.unmount()
+        pyfuse3.close(unmount=kmount is None)
         source.flush()
 
 
@@ -344,60 +300,3 @@ async def _warm_all(source: ChunkSource, manifest: Manifest) -> None:
         log.info("prefetch all: done")
     except MlfsError as e:
         log.warning("prefetch all: %s", e)
-
-
-# -- daemon mode ---------------------------------------------------------------------------------
-def daemonize(run, log_file: Path, timeout: float = 300) -> tuple[int, str | None]:
-    """Fork a daemon that calls ``run(ready_fd)``; return its pid and warning once it is ready.
-
-    The child starts a session of its own, writes its output to *log_file*, and reports on the
-    pipe ``ready``, ``ready: <warning>`` or ``error: <message>``; the parent raises MountError for
-    an error or a child that exits without a word.
-    """
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    r, w = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the daemon
-        code = 1
-        try:
-            os.close(r)
-            os.setsid()
-            out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(out, 1)
-            os.dup2(out, 2)
-            run(w)
-            code = 0
-        except BaseException as e:  # noqa: BLE001 - reported on the pipe, then exit
-            try:
-                os.write(w, f"error: {e}".encode())
-            except OSError:
-                pass
-            if not isinstance(e, MlfsError):
-                import traceback
-
-                traceback.print_exc()
-        finally:
-            os._exit(code)
-    os.close(w)
-    msg = b""
-    deadline = time.monotonic() + timeout
-    with os.fdopen(r, "rb") as pipe:
-        while time.monotonic() < deadline:
-            chunk = pipe.read(4096)
-            if not chunk:
-                break
-            msg += chunk
-    text = msg.decode(errors="replace").strip()
-    if text == "ready":
-        return pid, None
-    if text.startswith("ready: "):
-        return pid, text.removeprefix("ready: ")
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
-    raise MountError(text.removeprefix("error: ") or f"mount process exited; see {log_file}")

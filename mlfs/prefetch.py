@@ -61,6 +61,7 @@ class LoadDetector:
         self.block = block
         self.loading = False
         self.order = ""  # once loading: "file" or "name", the order the loader goes in
+        self.by_starts = False  # ... and whether the starts said so (a loader touching heads first)
         self._touched: dict[int, set[int]] = {}  # tensor → blocks touched, until finished
         self._finished: set[int] = set()
         self._order: list[int] = []  # tensors in the order they were finished (the last run)
@@ -82,7 +83,7 @@ class LoadDetector:
                 self._started.add(i)
                 self._starts = (self._starts + [i])[-self.start_run:]
                 if len(self._starts) == self.start_run and self._in_order(self._starts):
-                    self.loading = True
+                    self.loading = self.by_starts = True
                     return True
             if e > start and i not in self._finished:
                 first = (max(start, b) - b) // self.block
@@ -111,24 +112,37 @@ class LoadDetector:
         return False
 
 
-def stream_order(entry: FileEntry, order: str) -> list[int]:
+def stream_order(entry: FileEntry, order: str, heads_first: bool = False) -> list[int]:
     """The chunk indices of *entry* in the order a loader going in *order* ("file" or "name")
     will want them: by name, each tensor's chunks in turn (a chunk shared by two tensors comes
-    with the first), then whatever no tensor covers (header, gaps) in file order."""
-    if order != "name" or not entry.tensors:
-        return list(range(len(entry.chunk_ids)))
+    with the first), then whatever no tensor covers (header, gaps) in file order.
+
+    *heads_first* (a load recognised by its starts): the chunk holding each tensor's first byte
+    comes before any other, in the same order.  Such a loader touches every tensor's head before
+    it copies anything; bringing the heads first lets its copy run beside the rest of the stream
+    instead of after it (docs/adr/0021)."""
     offsets = entry.offsets
+    spans = sorted((b, e, name) for name, (b, e, _) in (entry.tensors or {}).items() if e > b)
+    if order == "name":
+        spans.sort(key=lambda s: s[2])
+    elif not heads_first or not spans:
+        return list(range(len(entry.chunk_ids)))
     seq: list[int] = []
     seen: set[int] = set()
-    for name in sorted(entry.tensors):
-        b, e, _ = entry.tensors[name]
-        if e <= b:
-            continue
-        i = max(bisect_right(offsets, b) - 1, 0)
-        while i < len(offsets) and offsets[i] < e:
-            if i not in seen:
-                seen.add(i)
-                seq.append(i)
-            i += 1
-    seq += [i for i in range(len(entry.chunk_ids)) if i not in seen]
+
+    def add(i: int) -> None:
+        if i not in seen:
+            seen.add(i)
+            seq.append(i)
+    if heads_first:
+        for b, _, _ in spans:
+            add(max(bisect_right(offsets, b) - 1, 0))
+    if order == "name":
+        for b, e, _ in spans:
+            i = max(bisect_right(offsets, b) - 1, 0)
+            while i < len(offsets) and offsets[i] < e:
+                add(i)
+                i += 1
+    for i in range(len(entry.chunk_ids)):
+        add(i)
     return seq

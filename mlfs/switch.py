@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import replace
 from typing import Callable
@@ -50,6 +51,23 @@ def _kernel_invalidate(parent: int, name: bytes) -> None:
     import pyfuse3
 
     pyfuse3.invalidate_entry(parent, name)
+
+
+def bind_control(sock_path: str) -> socket.socket:
+    """A listening Unix socket at *sock_path* (replacing a stale one), readable by its owner only."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            os.unlink(sock_path)
+        except FileNotFoundError:
+            pass
+        sock.bind(sock_path)
+        os.chmod(sock_path, 0o600)
+        sock.listen(8)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class Switcher:
@@ -215,18 +233,13 @@ class Switcher:
                 bad = sig
 
     async def serve_control(self, sock_path: str, *, digest: str | None = None,
-                            record: Callable[[str, BaseException], None] | None = None) -> None:
+                            record: Callable[[str, BaseException], None] | None = None,
+                            listener: socket.socket | None = None) -> None:
         """Answer ``mlfs switch`` requests: one JSON line in, one JSON line out.  A client that
         goes away, sends garbage or stalls costs its own connection only (``record`` counts what
-        was not the client's doing)."""
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        try:
-            os.unlink(sock_path)
-        except FileNotFoundError:
-            pass
-        await sock.bind(sock_path)
-        os.chmod(sock_path, 0o600)
-        sock.listen(8)
+        was not the client's doing).  *listener*: a socket :func:`bind_control` bound to
+        *sock_path* already (else it is bound here)."""
+        sock = trio.socket.from_stdlib_socket(listener or bind_control(sock_path))
         async def handler(stream: trio.SocketStream) -> None:
             try:
                 await self._handle(stream, digest)

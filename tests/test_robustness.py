@@ -327,7 +327,7 @@ def test_unwritable_cache_directory_is_one_line(tmp_path):
 
 
 def test_non_root_mount_names_the_cause(tmp_path, monkeypatch):
-    from mlfs import mount
+    from mlfs import launch
 
     base = Path(tempfile.mkdtemp(prefix="mlfs-nobody-"))
     try:
@@ -341,22 +341,22 @@ def test_non_root_mount_names_the_cause(tmp_path, monkeypatch):
                        "--cache-dir", str(base / "cache"), "--foreground", str(base / "mnt")],
                       cwd="/", timeout=60)
         assert p.returncode == 1, p.stderr
-        reason = mount.fuse_problem(False) if os.access("/dev/fuse", os.W_OK) else None
+        reason = launch.fuse_problem(False) if os.access("/dev/fuse", os.W_OK) else None
         assert "/dev/fuse" in p.stderr.splitlines()[-1] or reason is None, p.stderr
     finally:
         subprocess.run(["rm", "-rf", str(base)])
     # The causes it can name, seen as a non-root user would see them.
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setattr(os, "access", lambda path, mode: path != "/dev/fuse")
-    assert "no permission to open /dev/fuse" in mount.fuse_problem(False)
+    assert "no permission to open /dev/fuse" in launch.fuse_problem(False)
     monkeypatch.setattr(os, "access", lambda path, mode: True)
-    monkeypatch.setattr(mount, "_user_allow_other", lambda path="/etc/fuse.conf": False)
-    assert "user_allow_other" in mount.fuse_problem(True)
-    assert mount.fuse_problem(False) is None or "fusermount3" in mount.fuse_problem(False)
+    monkeypatch.setattr(launch, "_user_allow_other", lambda path="/etc/fuse.conf": False)
+    assert "user_allow_other" in launch.fuse_problem(True)
+    assert launch.fuse_problem(False) is None or "fusermount3" in launch.fuse_problem(False)
 
 
 def test_user_allow_other_is_read_from_fuse_conf(tmp_path):
-    from mlfs.mount import _user_allow_other
+    from mlfs.launch import _user_allow_other
 
     conf = tmp_path / "fuse.conf"
     conf.write_text("# user_allow_other\nmount_max = 1000\n")
