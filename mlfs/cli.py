@@ -25,17 +25,39 @@ ENDPOINT_OPT = click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", metavar
 class Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a reader gone away shows here, not in the interpreter's exit
+            return result
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except MlfsError as e:
             _fail(str(e), 1)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except BrokenPipeError as e:
+            if _stdout_gone():  # `mlfs stats | head`: the reader left; say nothing, as cat does
+                sys.exit(141)
+            _fail(f"unexpected {type(e).__name__}: {e} (MLFS_DEBUG=1 shows the traceback)", 1)
         except Exception as e:  # noqa: BLE001 - the promise is: no traceback, a clear line
             if config.DEBUG:
                 raise
             _fail(f"unexpected {type(e).__name__}: {e} (MLFS_DEBUG=1 shows the traceback)", 1)
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has gone away (poll says POLLERR); if so,
+    stdout now points to /dev/null so that the interpreter's last flush does not fail again."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        gone = any(ev & select.POLLERR for _, ev in poll.poll(0))
+    except (OSError, ValueError):
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return gone
 
 
 def _setup_logging(debug: bool, filename: str | None) -> None:
@@ -319,6 +341,7 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
                                debug=debug)
     if manifest_src and os.path.isfile(manifest_src):
         opts.watch = os.path.abspath(manifest_src)
+    launch.check_outside(mountpoint, cache_dir=cache, log_file=log_file, manifest=opts.watch)
     if not foreground:
         launch.check_mountpoint(mountpoint)  # fail fast, with the message in this terminal
     try:
@@ -375,12 +398,13 @@ def mount(mountpoint, manifest_src, store_url, endpoint_url, model_id, version, 
 
 
 def _serve_early(kmount, ready, warning, *args) -> None:
-    """Serve a kernel mount made already (launch.prepare): report it, catch signals, then import
-    pyfuse3 and trio and serve; the mount is taken down however this ends."""
+    """Serve a kernel mount made already (launch.prepare, which left SIGTERM and SIGHUP blocked):
+    take over the signals, report the mount, then import pyfuse3 and trio and serve; the mount
+    is taken down however this ends."""
     from . import launch
 
-    early = launch.EarlySignals()
     try:
+        early = launch.EarlySignals()
         if ready is not None:
             ready(warning)
         from .mount import serve

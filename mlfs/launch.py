@@ -101,6 +101,21 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"{mountpoint} is already a mount point (mlfs umount {mountpoint} first)")
 
 
+def check_outside(mountpoint: str, **paths: str | os.PathLike | None) -> None:
+    """Refuse a cache directory, log file or watched manifest at or under the mount point: the
+    mount would hide it, and the daemon would wait on its own mount before it serves
+    (``cache_dir=..., log_file=..., manifest=...``)."""
+    top = os.path.realpath(mountpoint)
+    for name, path in paths.items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real == top or real.startswith(top.rstrip("/") + "/"):
+            option = "--" + name.replace("_", "-")
+            raise MountError(f"{option} {path} is inside the mount point {mountpoint}: "
+                             "choose a path outside it")
+
+
 def prefetch_set(manifest) -> list[tuple[str, int, str]]:
     """Chunks to cache before the mount is ready: prefetch patterns + the first chunk (the header)
     of every file with a tensor table (safetensors, GGUF, PyTorch zip)."""
@@ -207,7 +222,12 @@ class EarlySignals:
     """SIGTERM and SIGHUP before trio's handler is in place (an early mount is up while the
     daemon still imports): until :attr:`unwind` is cleared they unwind the start — the kernel
     mount is taken down on the way out, and the exit status is 0, as for a signal once serving;
-    after that they are kept in :attr:`caught` for the mount's signal task to act on."""
+    after that they are kept in :attr:`caught` for the mount's signal task to act on.
+
+    :func:`prepare` blocks both signals before it mounts, so that none can end the process
+    between ``mount(2)`` and the code that unmounts (the fork included); creating this object
+    installs the handlers, then unblocks them: one that came meanwhile is acted on now.  Create
+    it inside the ``try`` whose ``finally`` unmounts."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -216,6 +236,7 @@ class EarlySignals:
         self.caught: int | None = None
         for sig in self.SIGNALS:
             signal.signal(sig, self)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
 
     def __call__(self, signum, frame) -> None:
         if self.unwind:
@@ -274,7 +295,8 @@ def warm(store, cache, chunks: list[tuple[str, int, str]], timeout: float,
 def prepare(manifest, store, mountpoint: str, opts: MountOptions) -> tuple[KernelMount, str | None]:
     """Everything before the daemon, for an early mount: checks, the prefetch set cached, the
     kernel mount made.  Returns the mount and a warning (store down, serving from the cache) or
-    None.  Raises MlfsError for anything that stops the mount."""
+    None, with SIGTERM and SIGHUP blocked (:class:`EarlySignals` takes them over).  Raises
+    MlfsError for anything that stops the mount."""
     from .cache import ChunkCache
 
     mountpoint = os.path.abspath(mountpoint)
@@ -296,7 +318,12 @@ def prepare(manifest, store, mountpoint: str, opts: MountOptions) -> tuple[Kerne
     finally:
         cache.close()
     fsname = f"mlfs:{manifest.id}@{manifest.version}"
-    kmount = KernelMount(mountpoint, kernel_mount(mountpoint, fsname, opts.allow_other))
+    signal.pthread_sigmask(signal.SIG_BLOCK, EarlySignals.SIGNALS)
+    try:
+        kmount = KernelMount(mountpoint, kernel_mount(mountpoint, fsname, opts.allow_other))
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, EarlySignals.SIGNALS)
+        raise
     kmount.fetched = fetched
     return kmount, warning
 

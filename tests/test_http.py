@@ -255,13 +255,13 @@ def test_nginx_cache_in_front_of_mlfs_serve_over_s3(moto_server, family, mounter
                            "max_size=2g inactive=1d use_temp_path=off;")
     try:
         first = mounter("--store", web.url, "--id", "minilm", "--version", "v1",
-                        "--cache-dir", tmp_path / "n1", name="n1")
+                        "--cache-dir", tmp_path / "cache-n1", name="n1")
         assert sha(first.mountpoint / "model.safetensors") == sha(family["v1"] / "model.safetensors")
         fetched = edge.metrics()["mlfs_serve_chunks_fetched_total"]
         served = sum(v for k, v in edge.metrics().items() if k.startswith("mlfs_serve_requests_total"))
         assert fetched > 0
         second = mounter("--store", web.url, "--id", "minilm", "--version", "v1",
-                         "--cache-dir", tmp_path / "n2", name="n2")
+                         "--cache-dir", tmp_path / "cache-n2", name="n2")
         assert sha(second.mountpoint / "model.safetensors") == sha(family["v1"] / "model.safetensors")
         m = edge.metrics()
         assert m["mlfs_serve_chunks_fetched_total"] == fetched  # nothing more from the origin

@@ -72,7 +72,7 @@ def test_daemon_mount_early_and_through_libfuse_alike(root_fuse, early, tmp_path
     finally:
         run_mlfs("umount", mnt)
     wait_for(lambda: gone(pid), timeout=15, what="the daemon to exit")
-    assert not os.path.ismount(mnt)
+    assert mount_line(mnt) == []
     assert log_defects(log) == []
 
 
@@ -104,7 +104,7 @@ def test_daemon_failing_before_it_serves_takes_the_mount_away(root_fuse, tmp_pat
     env = {**os.environ, "PYTHONPATH": f"{broken}:{os.environ.get('PYTHONPATH', '')}"}
     mnt = tmp_path / "mnt"
     pid, log = daemon_mount(man, mnt, tmp_path / "c", env)
-    wait_for(lambda: not os.path.ismount(mnt), timeout=15, what="the mount to go away")
+    wait_for(lambda: mount_line(mnt) == [], timeout=15, what="the mount to go away")
     wait_for(lambda: gone(pid), timeout=15, what="the daemon to exit")
     assert "pyfuse3 is broken on purpose" in log.read_text()
     assert os.listdir(mnt) == []  # the directory underneath, not a dead mount
@@ -118,7 +118,7 @@ def test_sigterm_to_an_early_daemon_unmounts(root_fuse, tmp_path, minilm_dir, st
         time.sleep(delay)
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: gone(pid), timeout=15, what="the daemon to exit")
-        assert not os.path.ismount(mnt), delay
+        assert mount_line(mnt) == [], delay
         assert log_defects(log) == [], delay
 
 
@@ -134,7 +134,7 @@ def test_killed_daemon_leaves_a_dead_mount_that_umount_clears(root_fuse, tmp_pat
         os.listdir(mnt)
     assert e.value.errno == errno.ENOTCONN
     run_mlfs("umount", mnt)
-    assert not os.path.ismount(mnt)
+    assert mount_line(mnt) == []
 
 
 def test_failures_before_the_kernel_mount_leave_nothing(root_fuse, tmp_path, minilm_dir, store):
@@ -145,7 +145,7 @@ def test_failures_before_the_kernel_mount_leave_nothing(root_fuse, tmp_path, min
     mnt.mkdir()
     p = run_mlfs("mount", "--manifest", man, "--cache-dir", tmp_path / "c", "--digest",
                  "blake3:" + "0" * 64, mnt, check=False)
-    assert p.returncode == 1 and "not the pinned" in p.stderr and not os.path.ismount(mnt)
+    assert p.returncode == 1 and "not the pinned" in p.stderr and mount_line(mnt) == []
     assert "Traceback" not in p.stderr
     from mlfs import manifest as mf
 
@@ -153,7 +153,7 @@ def test_failures_before_the_kernel_mount_leave_nothing(root_fuse, tmp_path, min
     store.delete_chunk(next(f for f in m.files if f.tensors).chunk_ids[0])  # a header chunk
     p = run_mlfs("mount", "--manifest", man, "--cache-dir", tmp_path / "c2", mnt, check=False)
     assert p.returncode == 1 and "cannot fetch model.safetensors" in p.stderr, p.stderr
-    assert not os.path.ismount(mnt) and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert mount_line(mnt) == [] and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_kernel_unmount_of_a_mount_already_gone_is_a_no_op(root_fuse, tmp_path):
@@ -169,3 +169,20 @@ def test_kernel_unmount_of_a_mount_already_gone_is_a_no_op(root_fuse, tmp_path):
         assert mount_line(mnt) == []
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("where", ["cache", "log"])
+@pytest.mark.parametrize("foreground", [False, True])
+def test_a_cache_or_log_inside_the_mount_point_is_refused(root_fuse, where, foreground, tmp_path,
+                                                          minilm_dir, store):
+    """The mount would hide them, and a daemon writing there would wait on its own mount before
+    it serves (a test once mounted over its own cache directory and hung)."""
+    man = generate_into(store, minilm_dir, "minilm", "v1", tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    paths = {"cache": ["--cache-dir", mnt], "log": ["--cache-dir", tmp_path / "c",
+                                                    "--log-file", mnt / "sub" / "mount.log"]}
+    p = run_mlfs("mount", "--manifest", man, *paths[where], *(["-f"] if foreground else []), mnt,
+                 check=False, timeout=60)
+    assert p.returncode == 1 and "is inside the mount point" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and mount_line(mnt) == []

@@ -69,6 +69,16 @@ def test_a_loader_that_makes_every_tensor_first_is_recognised_by_their_starts(or
     hits = [det.observe(max(0, e.tensors[n][0] - (128 << 10)), e.tensors[n][0] + (128 << 10))
             for n in seq]
     assert hits.index(True) == START_RUN - 1 and det.order == order
+    assert det.by_starts  # then the stream brings every tensor's head first
+
+
+def test_a_loader_finishing_tensors_is_not_taken_for_a_head_toucher():
+    e = entry(small_every=3)
+    det = LoadDetector(e)
+    for n in sorted(e.tensors, key=lambda n: e.tensors[n][0]):
+        if read_tensor(det, e, n):
+            break
+    assert det.loading and not det.by_starts
 
 
 def test_the_stream_goes_in_the_loader_s_order():
@@ -80,6 +90,11 @@ def test_the_stream_goes_in_the_loader_s_order():
                   tensors)
     assert stream_order(e, "name") == [2, 1, 3, 4, 0]
     assert stream_order(e, "file") == [0, 1, 2, 3, 4]
+    # A loader that touches every head before it copies: the heads (b, a, c start in chunks 1, 2,
+    # 2) come first, in the loader's order, then the rest as before.
+    assert stream_order(e, "file", heads_first=True) == [1, 2, 0, 3, 4]
+    assert stream_order(e, "name", heads_first=True) == [2, 1, 3, 4, 0]
+    assert sorted(stream_order(e, "file", heads_first=True)) == list(range(5))
 
 
 def test_a_random_reader_taking_ten_percent_is_never_a_load():
@@ -255,3 +270,45 @@ def test_a_stream_stays_within_half_the_memory_budget_ahead_of_the_reader(model,
     # before its turn and read again from the disk cache.
     assert stats["chunks_fetched"] == len(set(f.chunk_ids)) and stats["disk_hits"] == 0
     assert seen and max(seen) <= lead
+
+
+def test_a_head_toucher_gets_every_head_first_then_the_rest(model, tmp_path, monkeypatch):
+    """safetensors.torch.load_file's way: the first page of every tensor in file order, then a copy
+    of each.  Recognised by its starts, the stream brings the remaining heads before any other
+    chunk, so that the copies run beside the rest of the stream; the bytes are exact."""
+    import mlfs.fs
+
+    store, m, data = model
+    f = next(f for f in m.files if f.path == "model.safetensors")
+    orders = []
+
+    def recording(entry, order, heads_first=False):
+        seq = stream_order(entry, order, heads_first)
+        orders.append((order, heads_first, seq))
+        return seq
+    monkeypatch.setattr(mlfs.fs, "stream_order", recording)
+    source = ChunkSource(store, ChunkCache(tmp_path / "cache", 1 << 30))
+    ops = Operations(Tree.of(m, Inodes()), source, {}, inodes=None, supervisor=Supervisor())
+    by_file = sorted(f.tensors, key=lambda n: f.tensors[n][0])
+    out = {}
+
+    async def main():
+        async with trio.open_nursery() as n:
+            ops.supervisor.nursery = n
+            attr = await ops.lookup(ROOT_INODE, b"model.safetensors")
+            fh = (await ops.open(attr.st_ino, os.O_RDONLY, None)).fh
+            for name in by_file:  # pass 1: make every tensor (its first page)
+                await ops.read(fh, f.tensors[name][0], 4096)
+            for name in by_file:  # pass 2: copy each
+                b, e, _ = f.tensors[name]
+                out[name] = b"".join([bytes(await ops.read(fh, off, min(128 << 10, e - off)))
+                                      for off in range(b, e, 128 << 10)])
+            await ops.release(fh)
+            n.cancel_scope.cancel()
+    trio.run(main)
+    assert all(out[n] == data[f.tensors[n][0]:f.tensors[n][1]] for n in by_file)
+    assert len(orders) == 1
+    order, heads_first, seq = orders[0]
+    assert order == "file" and heads_first
+    heads = {max(i for i, o in enumerate(f.offsets) if o <= b) for b, _, _ in f.tensors.values()}
+    assert set(seq[:len(heads)]) == heads

@@ -386,3 +386,18 @@ def test_export_refuses_a_non_empty_destination_and_leaves_nothing_on_failure(tm
     p = run_mlfs("export", man, tmp_path / "fresh", check=False)
     assert p.returncode == 1 and p.stderr.count("\n") == 1
     assert sorted(os.listdir(tmp_path)) == before  # no fresh/, no staging directory
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path, minilm_dir):
+    """``mlfs inspect ... | head -1``: the reader leaves before the output is written.  No error
+    line, no traceback: exit 141, as a command killed by SIGPIPE reports in a shell."""
+    store = open_store(str(tmp_path / "store"), create=True)
+    man = generate_into(store, minilm_dir, "minilm", "v1", tmp_path)
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before anything is written
+    try:
+        p = subprocess.run([*MLFS, "inspect", str(man)], stdout=w, stderr=subprocess.PIPE,
+                           text=True, timeout=60)
+    finally:
+        os.close(w)
+    assert p.returncode == 141 and p.stderr == "", p.stderr
