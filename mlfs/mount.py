@@ -1,9 +1,10 @@
 """Wiring a mount: manifest → tree, store → cache → chunk source → Operations → pyfuse3 main loop.
 
-``serve`` runs in the foreground process; ``daemonize`` forks it into a daemon and returns once
-the mount is ready (or reports the error the daemon hit before readiness).  Readiness means: the
-manifest's prefetch files (and the header chunk of every file whose tensors it knows) are in the
-cache, and the kernel mount is up.  SIGTERM, SIGINT and SIGHUP unmount cleanly.
+``serve`` runs in the daemon (or the foreground process).  Readiness means: the manifest's
+prefetch files (and the header chunk of every file whose tensors it knows) are in the cache, and
+the kernel mount is up.  As root, :mod:`mlfs.launch` gets there before this module is imported
+and hands ``serve`` the kernel mount to serve (docs/adr/0021); otherwise ``serve`` does it all and
+says when.  SIGTERM, SIGINT and SIGHUP unmount cleanly.
 
 Nothing but a signal or an unmount ends a mount: every task beside the FUSE loop runs under a
 :class:`~mlfs.supervise.Supervisor` that logs, counts and restarts it.
@@ -27,8 +28,8 @@ from .client import clean_runtime_dir, control_socket_path
 from .errors import MlfsError, MountError, StoreUnavailable
 from .fetch import ChunkSource
 from .fs import Operations
-from .launch import (EarlySignals, KernelMount, MountOptions, check_mountpoint,  # noqa: F401
-                     fuse_options, fuse_problem, prefetch_set)
+from .launch import (EarlySignals, KernelMount, MountOptions, check_mountpoint, fuse_options,
+                     fuse_problem, prefetch_set)
 from .manifest import Manifest
 from .stores import Store
 from .supervise import Supervisor
