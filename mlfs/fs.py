@@ -53,6 +53,9 @@ READAHEAD_MAX = 64 << 20
 #: reader starting the tensor; they cost the tensor's first chunk (its 512 KiB head), no more.
 SPILL = 512 << 10
 PAGE = mmap.PAGESIZE  # what notify_store can mark as filled
+#: Pages shared by two chunks, kept in part until the other chunk's bytes come (at most this many,
+#: each at most a page): see Operations._pages.
+REMNANTS = 4096
 #: Chunks a stream brought are pushed into the kernel's page cache (``notify_store``) unless
 #: ``MLFS_PUSH=0`` (for comparisons): the loader's page faults then find the pages there instead of
 #: each waiting for a FUSE round trip (docs/adr/0019).
@@ -136,6 +139,9 @@ class Operations(pyfuse3.Operations):
         self._tensor_index: OrderedDict[tuple[str, str], tuple[list[int], list[int]]] = \
             OrderedDict()
         self._loads: OrderedDict[tuple[str, str], LoadDetector] = OrderedDict()  # same bound
+        # (file digest, page offset) → {chunk index: its bytes in that page}, for pages a push
+        # could not fill because the neighbouring chunk was not in memory.
+        self._remnants: OrderedDict[tuple[str, int], dict[int, bytes]] = OrderedDict()
         self._streams: dict[tuple[str, str], _Stream] = {}  # loads being streamed
         #: Push streamed chunks into the kernel's page cache (only with a kernel session: the
         #: in-process tier has none).
@@ -520,7 +526,10 @@ class Operations(pyfuse3.Operations):
         pages.  The kernel marks a page as holding data only when one store fills all of it (or
         reaches the end of the file).  Chunks end at tensor boundaries, not on pages, so a page
         shared with a neighbour is pushed whole, put together with the neighbour's bytes, when
-        those are in memory; otherwise it is left to the reader's fault (a 4 KiB read)."""
+        those are in memory.  When they are not, this chunk's part of the page is kept (a
+        *remnant*, at most a page) for the neighbour's push to complete: a stream that brings
+        every tensor's head first meets its bodies' first pages only after the heads have left
+        memory (docs/adr/0021)."""
         off, end = entry.offsets[i], entry.offsets[i] + len(data)
         view = memoryview(data)
         first = -(-off // PAGE) * PAGE  # the middle: whole pages inside the chunk
@@ -530,20 +539,33 @@ class Operations(pyfuse3.Operations):
             out.append((first, view[first - off:last - off]))
         for page in {off // PAGE * PAGE if off % PAGE else -1,
                      end // PAGE * PAGE if end % PAGE and end < entry.size else -1} - {-1}:
-            whole = self._assemble(entry, page, min(page + PAGE, entry.size), i, view)
+            page_end = min(page + PAGE, entry.size)
+            whole = self._assemble(entry, page, page_end, i, view)
+            key = (entry.blake3, page)
             if whole is not None:
                 out.append((page, whole))
+                self._remnants.pop(key, None)
+            else:
+                a, b = max(page, off) - off, min(page_end, end) - off
+                self._remnants.setdefault(key, {})[i] = bytes(view[a:b])
+                self._remnants.move_to_end(key)
+                while len(self._remnants) > REMNANTS:
+                    self._remnants.popitem(last=False)
         return out
 
     def _assemble(self, entry: FileEntry, begin: int, end: int, i: int, view) -> bytes | None:
-        """Bytes ``[begin, end)`` of *entry* from chunk *i* (*view*) and chunks in memory; None if
-        one of them is not in memory."""
+        """Bytes ``[begin, end)`` of *entry* from chunk *i* (*view*), chunks in memory and the
+        remnants kept of this page; None if some part is in none of them."""
         parts = []
+        kept = self._remnants.get((entry.blake3, begin), {})
         for j, a, b in chunk_slices(entry, begin, end - begin):
             chunk = view if j == i else self.source.peek(entry.chunk_ids[j])
-            if chunk is None:
+            if chunk is not None:
+                parts.append(memoryview(chunk)[a:b])
+            elif len(kept.get(j, b"")) == b - a:
+                parts.append(kept[j])
+            else:
                 return None
-            parts.append(memoryview(chunk)[a:b])
         return b"".join(parts)
 
     def _schedule(self, entry: FileEntry, begin: int, end: int) -> None:
