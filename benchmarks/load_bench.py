@@ -92,6 +92,16 @@ def add(rounds: dict[str, list[float]], key: str, value: float) -> None:
     rounds.setdefault(key, []).append(value)
 
 
+def medians(r: dict[str, float], rounds: dict[str, list[float]], num: str, den: str,
+            label: str) -> None:
+    """Put the median of every figure of *rounds* into *r*, and the best and worst round's ratio
+    of *num* to *den* as "<label>, best round" and "<label>, worst round"."""
+    for k, v in rounds.items():
+        r[k] = statistics.median(v)
+    ratios = [a / b for a, b in zip(rounds[num], rounds[den])]
+    r[f"{label}, best round"], r[f"{label}, worst round"] = min(ratios), max(ratios)
+
+
 def proc_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -273,12 +283,8 @@ def main() -> None:
                 add(cold, f"mlfs cold {kind} cpu (mount + reader)", m.start_cpu + m.cpu() + reader_cpu)
                 add(cold, f"mlfs cold {kind} bytes fetched / file", m.stats()["bytes_fetched"] / size)
                 m.close()
-        for k, v in cold.items():
-            r[k] = statistics.median(v)
-        per_round = [a / b for a, b in zip(cold["mlfs cold load_file (mount + load)"],
-                                           cold["s5cmd + load_file"])]
-        r["cold vs s5cmd + load, best round"], r["cold vs s5cmd + load, worst round"] = \
-            min(per_round), max(per_round)
+        medians(r, cold, "mlfs cold load_file (mount + load)", "s5cmd + load_file",
+                "cold vs s5cmd + load")
 
         if shutil.which("rclone"):
             log("rclone mount (default options: no VFS cache)")
@@ -328,12 +334,7 @@ def main() -> None:
             add(rounds, "mlfs hot load_file", run_py(LOAD_FILE, w.mnt / "model.safetensors")[0][0])
             if n < WARM_ROUNDS - 1:
                 w.close()
-        for k, v in rounds.items():
-            r[k] = statistics.median(v)
-        warm_rounds = [a / b for a, b in zip(rounds["mlfs warm load_file"],
-                                             rounds["local load_file"])]
-        r["warm vs local, best round"], r["warm vs local, worst round"] = \
-            min(warm_rounds), max(warm_rounds)
+        medians(r, rounds, "mlfs warm load_file", "local load_file", "warm vs local")
         log("v2 after v1, default switch (the store checked, the flip, the delta in the background)")
         # The same host state for the --warm pass below: v1 cached, v2's delta not.
         shutil.copytree(work / "cache-load_file", work / "cache-warmswitch")
