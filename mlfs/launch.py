@@ -295,6 +295,25 @@ def warm(store, cache, chunks: list[tuple[str, int, str]], timeout: float,
     return fetched[0], fetched[1]
 
 
+def check_before_mount(manifest, store, mountpoint: str, opts: MountOptions) -> str | None:
+    """The checks before a kernel mount, whoever makes it: the mount point, ``/dev/fuse``, the
+    pinned digest, the store.  Returns a warning when the store is down for now (the mount then
+    serves from the cache until it answers); raises MlfsError for what stops the mount (a
+    missing bucket or directory, refused access: a clear error now, not EIO later)."""
+    check_mountpoint(mountpoint)
+    problem = fuse_problem(opts.allow_other)
+    if problem:
+        raise MountError(f"cannot mount {mountpoint}: {problem}")
+    if manifest is not None and opts.digest and manifest.digest != opts.digest:
+        raise MountError(f"{manifest.ref} has digest {manifest.digest}, not the pinned {opts.digest}")
+    if store is not None:
+        try:
+            store.check_once()
+        except StoreUnavailable as e:
+            return f"{e}; serving from the cache until it answers"
+    return None
+
+
 def prepare(manifest, store, mountpoint: str, opts: MountOptions) -> tuple[KernelMount, str | None]:
     """Everything before the daemon, for an early mount: checks, the prefetch set cached, the
     kernel mount made.  Returns the mount and a warning (store down, serving from the cache) or
@@ -303,18 +322,7 @@ def prepare(manifest, store, mountpoint: str, opts: MountOptions) -> tuple[Kerne
     from .cache import ChunkCache
 
     mountpoint = os.path.abspath(mountpoint)
-    check_mountpoint(mountpoint)
-    problem = fuse_problem(opts.allow_other)
-    if problem:
-        raise MountError(f"cannot mount {mountpoint}: {problem}")
-    if opts.digest and manifest.digest != opts.digest:
-        raise MountError(f"{manifest.ref} has digest {manifest.digest}, not the pinned {opts.digest}")
-    warning = None
-    if store is not None:
-        try:
-            store.check_once()
-        except StoreUnavailable as e:
-            warning = f"{e}; serving from the cache until it answers"
+    warning = check_before_mount(manifest, store, mountpoint, opts)
     cache = ChunkCache(opts.cache_dir, opts.cache_size)
     try:
         fetched = warm(store, cache, prefetch_set(manifest), opts.timeout)

@@ -25,10 +25,10 @@ import trio
 from . import config
 from .cache import ChunkCache
 from .client import clean_runtime_dir, control_socket_path
-from .errors import MlfsError, MountError, StoreUnavailable
+from .errors import MlfsError, MountError
 from .fetch import ChunkSource
 from .fs import Operations
-from .launch import (EarlySignals, KernelMount, MountOptions, check_mountpoint, fuse_options,
+from .launch import (EarlySignals, KernelMount, MountOptions, check_before_mount, fuse_options,
                      fuse_problem, prefetch_set)
 from .manifest import Manifest
 from .stores import Store
@@ -121,24 +121,15 @@ def _serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts
     from .switch import CatalogView, Switcher, bind_control
 
     mountpoint = os.path.abspath(mountpoint)
-    if kmount is None:
-        check_mountpoint(mountpoint)
-        problem = fuse_problem(opts.allow_other)
-        if problem:
-            raise MountError(f"cannot mount {mountpoint}: {problem}")
+    warning = None
+    if kmount is None:  # else mlfs mount checked all this before it mounted
+        warning = check_before_mount(manifest, store, mountpoint, opts)
+        if warning:
+            log.warning("%s", warning)
     _reuse_freed_memory()
     stale = clean_runtime_dir()
     if stale:
         log.info("removed %d files left by dead processes: %s", len(stale), ", ".join(stale))
-    warning = None
-    if store is not None and kmount is None:
-        try:
-            store.check_once()  # a missing bucket/directory: a clear error now, not EIO later
-        except StoreUnavailable as e:  # down for now; a missing store or refused access raise
-            warning = f"{e}; serving from the cache until it answers"
-            log.warning("%s", warning)
-    if manifest is not None and opts.digest and manifest.digest != opts.digest:
-        raise MountError(f"{manifest.ref} has digest {manifest.digest}, not the pinned {opts.digest}")
     cache = ChunkCache(opts.cache_dir, opts.cache_size)
     source = ChunkSource(store, cache, memory_bytes=opts.memory_bytes, timeout=opts.timeout)
     if kmount is not None:  # what mlfs mount fetched before this daemon (docs/adr/0021)
