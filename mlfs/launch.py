@@ -134,6 +134,11 @@ def prefetch_set(manifest) -> list[tuple[str, int, str]]:
     return list(out.values())
 
 
+def fsname_of(manifest) -> str:
+    """The mount's source in the mount table: ``mlfs:<id>@<version>``, or ``mlfs:catalog``."""
+    return f"mlfs:{manifest.id}@{manifest.version}" if manifest is not None else "mlfs:catalog"
+
+
 def fuse_options(fsname: str, allow_other: bool, debug: bool = False) -> set[str]:
     """libfuse's options for a mount (pyfuse3's defaults: ``default_permissions``)."""
     options = {"default_permissions", f"fsname={fsname}", "subtype=mlfs", "ro", "nosuid", "nodev"}
@@ -154,22 +159,27 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
-def kernel_mount(mountpoint: str, fsname: str, allow_other: bool) -> int:
+def kernel_mount(mountpoint: str, options: set[str]) -> int:
     """Mount a FUSE file system at *mountpoint* (root only) and return its ``/dev/fuse``
-    descriptor, for a daemon to serve as ``/dev/fd/N``.  The options are libfuse's for
-    :func:`fuse_options` (lib/mount.c: ``fd=,rootmode=,user_id=,group_id=``)."""
+    descriptor, for a daemon to serve as ``/dev/fd/N``.  *options* are libfuse's
+    (:func:`fuse_options`), turned into ``mount(2)``'s arguments as libfuse turns them for root
+    (lib/mount.c): ``fsname`` the source, ``subtype`` the type, ``ro,nosuid,nodev`` flags, and
+    the kernel's ``fd=,rootmode=,user_id=,group_id=`` with the permission options."""
+    named = dict(o.split("=", 1) for o in options if "=" in o)
+    flags = sum(flag for name, flag in (("ro", MS_RDONLY), ("nosuid", MS_NOSUID),
+                                         ("nodev", MS_NODEV)) if name in options)
+    fstype = f"fuse.{named['subtype']}" if "subtype" in named else "fuse"
     try:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
         raise MountError(f"cannot mount {mountpoint}: cannot open /dev/fuse: {e.strerror}") from None
     try:
         mode = os.stat(mountpoint).st_mode
-        data = ",".join(["default_permissions", *(["allow_other"] if allow_other else []),
-                         f"fd={fd}", f"rootmode={mode & 0o170000:o}", f"user_id={os.getuid()}",
+        data = ",".join([*sorted(options & {"default_permissions", "allow_other"}), f"fd={fd}",
+                         f"rootmode={mode & 0o170000:o}", f"user_id={os.getuid()}",
                          f"group_id={os.getgid()}"])
-        libc = _libc()
-        if libc.mount(os.fsencode(fsname), os.fsencode(mountpoint), b"fuse.mlfs",
-                      ctypes.c_ulong(MS_RDONLY | MS_NOSUID | MS_NODEV), data.encode()) != 0:
+        if _libc().mount(os.fsencode(named.get("fsname", fstype)), os.fsencode(mountpoint),
+                         fstype.encode(), ctypes.c_ulong(flags), data.encode()) != 0:
             err = ctypes.get_errno()
             raise MountError(f"cannot mount {mountpoint}: {os.strerror(err)}")
     except OSError as e:
@@ -328,10 +338,10 @@ def prepare(manifest, store, mountpoint: str, opts: MountOptions) -> tuple[Kerne
         fetched = warm(store, cache, prefetch_set(manifest), opts.timeout)
     finally:
         cache.close()
-    fsname = f"mlfs:{manifest.id}@{manifest.version}"
+    options = fuse_options(fsname_of(manifest), opts.allow_other)
     signal.pthread_sigmask(signal.SIG_BLOCK, EarlySignals.SIGNALS)
     try:
-        kmount = KernelMount(mountpoint, kernel_mount(mountpoint, fsname, opts.allow_other))
+        kmount = KernelMount(mountpoint, kernel_mount(mountpoint, options))
     except BaseException:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, EarlySignals.SIGNALS)
         raise

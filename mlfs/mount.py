@@ -28,8 +28,8 @@ from .client import clean_runtime_dir, control_socket_path
 from .errors import MlfsError, MountError
 from .fetch import ChunkSource
 from .fs import Operations
-from .launch import (EarlySignals, KernelMount, MountOptions, check_before_mount, fuse_options,
-                     fuse_problem, prefetch_set)
+from .launch import (EarlySignals, KernelMount, MountOptions, check_before_mount, fsname_of,
+                     fuse_options, fuse_problem, prefetch_set, warm)
 from .manifest import Manifest
 from .stores import Store
 from .supervise import Supervisor
@@ -131,16 +131,22 @@ def _serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts
     if stale:
         log.info("removed %d files left by dead processes: %s", len(stale), ", ".join(stale))
     cache = ChunkCache(opts.cache_dir, opts.cache_size)
+    if kmount is not None:  # mlfs mount cached the prefetch set before it mounted (docs/adr/0021)
+        fetched = kmount.fetched
+    elif manifest is not None:
+        # Before the kernel mount: the prefetch set must be cached (a store that is down or a
+        # chunk that is missing fails the mount here, with a clear error, not the first read).
+        fetched = warm(store, cache, prefetch_set(manifest), opts.timeout)
+    else:
+        fetched = (0, 0)
     source = ChunkSource(store, cache, memory_bytes=opts.memory_bytes, timeout=opts.timeout)
-    if kmount is not None:  # what mlfs mount fetched before this daemon (docs/adr/0021)
-        source.counters.cache_misses += kmount.fetched[0]
-        source.counters.chunks_fetched += kmount.fetched[0]
-        source.counters.bytes_fetched += kmount.fetched[1]
+    source.counters.cache_misses += fetched[0]  # the stats count what was fetched before serving
+    source.counters.chunks_fetched += fetched[0]
+    source.counters.bytes_fetched += fetched[1]
     inodes = Inodes()
     catalog = None
     if manifest is not None:
         tree = Tree.of(manifest, inodes)
-        fsname = f"mlfs:{manifest.id}@{manifest.version}"
     else:
         catalog = CatalogView(store)
         try:
@@ -151,7 +157,6 @@ def _serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts
                        f"(polled every {opts.catalog_poll:g}s)")
             log.warning("%s", warning)
         tree = Tree(files, inodes, time.time_ns())
-        fsname = "mlfs:catalog"
     sock = control_socket_path()
     info = {"mountpoint": mountpoint, "store": store.describe() if store else None,
             "cache_dir": str(opts.cache_dir), "cache_size": opts.cache_size, "pid": os.getpid(),
@@ -163,18 +168,13 @@ def _serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts
         hook = SwitchHook(opts.on_switch, mountpoint, info, supervisor)
         switcher.on_switch = hook
 
-    # Before the kernel mount: the prefetch set must be cached (a store that is down or a chunk
-    # that is missing fails the mount here, with a clear error, not the first read later).  An
-    # early mount's parent did that before it mounted.
-    if manifest is not None and kmount is None:
-        trio.run(source.warm, prefetch_set(manifest))
     # The control socket listens before the first FUSE request is answered: whoever learns its
     # path from the stats attribute can connect at once (its requests wait in the backlog).
     listeners = [bind_control(sock)]
 
     try:
         pyfuse3.init(ops, mountpoint if kmount is None else kmount.device_path,
-                     fuse_options(fsname, opts.allow_other, opts.debug))
+                     fuse_options(fsname_of(manifest), opts.allow_other, opts.debug))
     except RuntimeError as e:
         why = fuse_problem(opts.allow_other) or f"{e} (the lines above, from libfuse, say why)"
         raise MountError(f"cannot mount {mountpoint}: {why}") from None

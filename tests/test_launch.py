@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -45,9 +46,16 @@ def gone(pid: int) -> bool:
 
 
 @pytest.fixture
-def root_fuse():
+def root_fuse(tmp_path):
+    """Root and FUSE; afterwards, whatever a failed test left mounted under its directory is
+    detached (and the test's daemons are gone with their mounts)."""
     require(fuse_available(), "FUSE (/dev/fuse, fusermount3) is not available")
     require(os.geteuid() == 0, "the early mount is made by root only")
+    yield
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        where = line.split()[1]
+        if where.startswith(f"{tmp_path}/"):
+            subprocess.run(["fusermount3", "-u", "-z", where], capture_output=True)
 
 
 @pytest.mark.parametrize("early", ["1", "0"])
@@ -159,7 +167,7 @@ def test_failures_before_the_kernel_mount_leave_nothing(root_fuse, tmp_path, min
 def test_kernel_unmount_of_a_mount_already_gone_is_a_no_op(root_fuse, tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    fd = launch.kernel_mount(str(mnt), "mlfs:test@v0", False)
+    fd = launch.kernel_mount(str(mnt), launch.fuse_options("mlfs:test@v0", False))
     try:
         # (Nothing may stat the mount point here: with no daemon to answer, that would wait.)
         assert mount_line(mnt)[:3] == ["mlfs:test@v0", str(mnt), "fuse.mlfs"]
