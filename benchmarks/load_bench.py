@@ -4,7 +4,9 @@
 
 s3rver runs in a network namespace behind a veth link shaped with ``tc tbf`` (1 Gbit/s by
 default).  The model is LLM-shaped (fp16 attention and embedding, fp32 MLP, small fp32 norms), and
-a v2 changes 1/6 of its tensors.  Every load reads every byte into the process (``load_file`` then
+a v2 changes 1/6 of its tensors.  ``mlfs generate`` stores chunks compressed where that pays (the
+default; docs/adr/0022); the cold and 100 Mbit/s passes also load from a copy stored with
+``--no-compress``, the A/B that decided it.  Every load reads every byte into the process (``load_file`` then
 a copy of each tensor, as ``load_state_dict`` would; or ``safe_open`` + ``get_tensor`` in key order).
 Peers in the same run: s5cmd download + local load, Run:ai's model streamer (S3 → memory), the
 local disk, ``rclone mount`` (if installed).  Also: v2 after v1 with the default switch (checked, then
@@ -105,6 +107,13 @@ def medians(r: dict[str, float], rounds: dict[str, list[float]], num: str, den: 
 def proc_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stored_bytes(store: str, env) -> int:
+    """What a store's chunk objects take (frames count as stored)."""
+    out = subprocess.run([PY, "-m", "mlfs", "ls", store, "--json"], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out)["store"]["stored_bytes"]
 
 
 def make_llm(d: Path, size: int) -> tuple[Path, Path]:
@@ -233,6 +242,12 @@ def main() -> None:
             subprocess.run([PY, "-m", "mlfs", "generate", str(d), "--store", store, "--id", "llm",
                             "--version", v, "-o", str(work / f"{v}.json")], env=env, check=True,
                            capture_output=True)
+        # The same v1 with every chunk stored as it is: compression's A/B (docs/adr/0022).
+        plain = "s3://bench/plain"
+        subprocess.run([PY, "-m", "mlfs", "generate", str(v1), "--store", plain, "--id", "llm",
+                        "--version", "v1", "--no-compress"], env=env, check=True,
+                       capture_output=True)
+        r["store bytes / file bytes (compressed chunks)"] = stored_bytes(store, env) / size
         m1, m2 = (json.loads((work / f"{v}.json").read_text()) for v in ("v1", "v2"))
         ids1 = {c for f in m1["files"] for c, _ in f["chunks"]}
         delta = sum(s for f in m2["files"] for c, s in f["chunks"] if c not in ids1)
@@ -269,11 +284,13 @@ def main() -> None:
             _, cpu = run_py(RUNAI, "s3://bench/raw/model.safetensors", env=env)
             add(cold, "runai stream", time.perf_counter() - t)
             add(cold, "runai cpu", cpu)
-            for kind, code in (("load_file", LOAD_FILE), ("safe_open", SAFE_OPEN)):
+            for kind, code, where in (("load_file", LOAD_FILE, store),
+                                      ("safe_open", SAFE_OPEN, store),
+                                      ("load_file, store uncompressed", LOAD_FILE, plain)):
                 shutil.rmtree(work / f"cache-{kind}", ignore_errors=True)
                 drop_caches()
                 t = time.perf_counter()
-                m = Mount(work / f"mnt-{kind}", work / f"cache-{kind}", "--store", store, "--id",
+                m = Mount(work / f"mnt-{kind}", work / f"cache-{kind}", "--store", where, "--id",
                           "llm", "--version", "v1", env=env)
                 mounts.append(m)
                 _, reader_cpu = run_py(code, m.mnt / "model.safetensors")
@@ -419,6 +436,10 @@ def main() -> None:
                 work, "slow", store, mounts, env)
             r[f"physical limit at {args.slow_mbit} Mbit/s"] = size * 8 / (args.slow_mbit * 1e6)
             sl.close()
+            log(f"mlfs cold on {args.slow_mbit} Mbit/s, store uncompressed")
+            r[f"mlfs cold load_file at {args.slow_mbit} Mbit/s, store uncompressed"], sl = cold_load(
+                work, "slow-plain", plain, mounts, env)
+            sl.close()
             log(f"s5cmd download + load on {args.slow_mbit} Mbit/s")
             drop_caches()
             t = time.perf_counter()
@@ -461,6 +482,12 @@ def main() -> None:
         ratios = {
             "cold load_file vs s5cmd + load": r["mlfs cold load_file (mount + load)"] / r["s5cmd + load_file"],
             "cold load_file vs Run:ai": r["mlfs cold load_file (mount + load)"] / r["runai stream"],
+            "cold load_file, store uncompressed, vs s5cmd + load":
+                r["mlfs cold load_file, store uncompressed (mount + load)"] / r["s5cmd + load_file"],
+            "cold load_file: compressed / uncompressed store":
+                r["mlfs cold load_file (mount + load)"] / r["mlfs cold load_file, store uncompressed (mount + load)"],
+            "cpu/GiB cold mlfs, store uncompressed (mount + reader)":
+                r["mlfs cold load_file, store uncompressed cpu (mount + reader)"] / gib,
             "cold safe_open vs s5cmd + load": r["mlfs cold safe_open (mount + load)"] / r["s5cmd + load_file"],
             "cold --prefetch all vs s5cmd + load": r["mlfs cold load_file --prefetch all (mount + load)"] / r["s5cmd + load_file"],
             "warm vs local disk (in-process load times, medians of the rounds)":
@@ -493,6 +520,8 @@ def main() -> None:
         if args.slow_mbit:
             ratios[f"cold at {args.slow_mbit} Mbit/s vs physical limit"] = \
                 r[f"mlfs cold load_file at {args.slow_mbit} Mbit/s"] / r[f"physical limit at {args.slow_mbit} Mbit/s"]
+            ratios[f"cold at {args.slow_mbit} Mbit/s, store uncompressed, vs physical limit"] = \
+                r[f"mlfs cold load_file at {args.slow_mbit} Mbit/s, store uncompressed"] / r[f"physical limit at {args.slow_mbit} Mbit/s"]
             ratios[f"s5cmd + load at {args.slow_mbit} Mbit/s vs physical limit"] = \
                 r[f"s5cmd + load_file at {args.slow_mbit} Mbit/s"] / r[f"physical limit at {args.slow_mbit} Mbit/s"]
             ratios[f"cold at {args.slow_mbit} Mbit/s vs s5cmd + load"] = \

@@ -5,4 +5,4 @@ The layers, each importing only those after it::
     cli → {mount, generate, export, report} → fs → {tree, cache, fetch} → stores → {manifest, errors, config}
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -115,8 +115,11 @@ def _progress(total: int, label: str):
               type=click.IntRange(1, config.MAX_THREADS), help="Hashing/upload threads.")
 @click.option("--force", is_flag=True, help="Replace ID@VERSION if it is already published with "
               "other content (published versions are otherwise immutable).")
+@click.option("--compress/--no-compress", default=True, show_default=True,
+              help="Store a chunk compressed (byte-grouped zstd) where that makes it at least "
+                   "1/16 smaller; readers need mlfs 0.2 or later.")
 def generate(model_dir, store_url, endpoint_url, model_id, version, prefetch, metadata, output,
-             threads, force):
+             threads, force, compress):
     """Store MODEL_DIR as deduplicated chunks and publish its manifest ID@VERSION.
 
     Publishing the same content again is a no-op; other content under a published ID@VERSION is
@@ -140,7 +143,7 @@ def generate(model_dir, store_url, endpoint_url, model_id, version, prefetch, me
     with bar:
         res = run(model_dir, store, model_id, version,
                   prefetch=[p.strip() for p in prefetch.split(",") if p.strip()] if prefetch else None,
-                  metadata=meta, progress=update, threads=threads, force=force)
+                  metadata=meta, progress=update, threads=threads, force=force, compress=compress)
     for w in res.warnings:
         click.echo(f"mlfs: warning: {w}", err=True)
     data = res.manifest.dumps()
@@ -153,8 +156,17 @@ def generate(model_dir, store_url, endpoint_url, model_id, version, prefetch, me
             "replaced": "replaced the published version (--force)"}.get(res.outcome, res.outcome)
     click.echo(f"{res.manifest.ref}: {res.files} files, {human(res.logical_bytes)} logical, "
                f"{res.unique_chunks} chunks; uploaded {res.new_chunks} new chunks "
-               f"({human(res.new_bytes)}); deduplicated {human(res.dedup_bytes)} ({share:.1%}); "
+               f"({human(res.new_bytes)}{_stored(res)}); deduplicated {human(res.dedup_bytes)} ({share:.1%}); "
                f"{what}; digest {res.manifest.digest}", err=True)
+
+
+def _stored(res) -> str:
+    """What the new chunks take in the store, where compression made that less."""
+    from .report import human
+
+    if res.stored_bytes >= res.new_bytes:
+        return ""
+    return f", {human(res.stored_bytes)} stored"
 
 
 def write_output(path: str, data: bytes) -> None:

@@ -240,6 +240,9 @@ class ChunkSource:
             "chunks_fetched": c.chunks_fetched, "memory_hits": c.memory_hits,
             "disk_hits": c.disk_hits, "cache_misses": c.cache_misses,
             "fetch_errors": c.fetch_errors,
+            # What crossed the wire for them: less than bytes_fetched where chunks are stored
+            # compressed (mlfs.codec).
+            "received_bytes": self.store.received_bytes if self.store else 0,
             "corrupt_chunks": self.store.corrupt_reads if self.store else 0,
             "corrupt_cache_files": self.cache.corrupt, "uncached_chunks": c.uncached_chunks,
             "cache_write_errors": self.cache.write_errors,

@@ -44,6 +44,8 @@ class GenerateResult:
     unique_chunks: int = 0
     new_chunks: int = 0
     new_bytes: int = 0
+    #: What the new chunks take in the store (less than new_bytes where frames pay: mlfs.codec).
+    stored_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
     outcome: str = "published"  # "published", "unchanged", "replaced" or "not published"
 
@@ -166,12 +168,14 @@ class ChunkUploader:
     simply uploaded (docs/adr/0005-gc.md).
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, compress: bool = True) -> None:
         self.store = store
+        self.compress = compress
         self._seen: dict[str, Future] = {}
         self._lock = threading.Lock()
         self.new_chunks = 0
         self.new_bytes = 0
+        self.stored_bytes = 0
         #: ``(chunk id, file, begin, end)`` of chunks that existed; and when the last was refreshed.
         self.refreshed: list[tuple[str, Path, int, int]] = []
         self.last_refresh = 0.0
@@ -211,15 +215,16 @@ class ChunkUploader:
                     self.refreshed.append((cid, full, begin, begin + len(view)))
                     self.last_refresh = time.monotonic()
                 return
-        self.store.put_chunk(cid, view)
+        stored = self.store.put_chunk_encoded(cid, view, self.compress)
         with self._lock:
             self.new_chunks += 1
             self.new_bytes += len(view)
+            self.stored_bytes += stored
 
 
 def recheck_refreshed(store: Store, refreshed: list[tuple[str, Path, int, int]], last: float,
                       threads: int = config.DEFAULT_THREADS,
-                      sleep: Callable[[float], None] = time.sleep) -> int:
+                      sleep: Callable[[float], None] = time.sleep, compress: bool = True) -> int:
     """Close the race with a concurrent gc (docs/adr/0005-gc.md): gc deletes a chunk only within
     ``GC_DELETE_WINDOW`` of seeing it old, so once that much time has passed since our last refresh,
     any chunk we deduplicated against is either still there or visibly gone — and then we upload it
@@ -242,7 +247,7 @@ def recheck_refreshed(store: Store, refreshed: list[tuple[str, Path, int, int]],
             raise GenerateError(f"cannot read {full}: {e.strerror}") from None
         if blake3.blake3(data).hexdigest() != cid:
             raise GenerateError(f"{full} changed while mlfs generate was reading it")
-        store.put_chunk(cid, data)
+        store.put_chunk_encoded(cid, data, compress)
         return 1
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return sum(pool.map(check, refreshed))
@@ -363,10 +368,13 @@ def publish(store: Store, manifest: mf.Manifest, *, force: bool = False) -> tupl
 def generate(model_dir: str | os.PathLike[str], store: Store, model_id: str, version: str, *,
              prefetch: list[str] | None = None, metadata: dict[str, str] | None = None,
              progress: Callable[[int], None] | None = None, threads: int = config.DEFAULT_THREADS,
-             publish_manifest: bool = True, force: bool = False) -> GenerateResult:
+             publish_manifest: bool = True, force: bool = False,
+             compress: bool = True) -> GenerateResult:
     """Store every file of *model_dir* as chunks and publish the manifest ``model_id@version``.
 
     ``progress`` is called with the number of bytes processed after each chunk.
+    With *compress*, a chunk that a frame makes at least ``codec.MIN_SAVING`` smaller is stored as
+    one (mlfs.codec; its id is still the blake3 of its bytes).
     Raises GenerateError for an unreadable or empty model, VersionExists if the version is
     published with other content (unless *force*), StoreError for store failures; in every case
     no manifest is published.
@@ -383,7 +391,7 @@ def generate(model_dir: str | os.PathLike[str], store: Store, model_id: str, ver
         raise UsageError(f"{store.describe()} is read-only: generate into a directory or S3 store")
     store.check()
 
-    uploader = ChunkUploader(store)
+    uploader = ChunkUploader(store, compress)
     # Bound the work queued ahead of the threads (each task holds a view of a mapping).
     slots = threading.BoundedSemaphore(threads * 8)
     files: list[mf.FileEntry] = []
@@ -403,7 +411,8 @@ def generate(model_dir: str | os.PathLike[str], store: Store, model_id: str, ver
                            store=store.url)
     outcome = "not published"
     if publish_manifest:
-        recheck_refreshed(store, uploader.refreshed, uploader.last_refresh, threads)
+        recheck_refreshed(store, uploader.refreshed, uploader.last_refresh, threads,
+                          compress=compress)
         store.sync()  # every chunk durable before a manifest names it
         manifest, outcome = publish(store, manifest, force=force)
         from .catalog import rebuild_index
@@ -413,7 +422,8 @@ def generate(model_dir: str | os.PathLike[str], store: Store, model_id: str, ver
         mf.loads(manifest.dumps())
     return GenerateResult(manifest, len(files), manifest.logical_size,
                           sum(len(f.chunk_ids) for f in files), uploader.unique_chunks,
-                          uploader.new_chunks, uploader.new_bytes, warnings, outcome)
+                          uploader.new_chunks, uploader.new_bytes, uploader.stored_bytes, warnings,
+                          outcome)
 
 
 def _map(fh, size: int) -> mmap.mmap | bytes:

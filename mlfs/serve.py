@@ -210,6 +210,8 @@ class EdgeApp:
         lines += ["# TYPE mlfs_serve_bytes_sent_total counter",
                   f"mlfs_serve_bytes_sent_total {self.bytes_sent}"]
         for key, help_ in (("bytes_fetched", "bytes fetched from the origin"),
+                           ("received_bytes", "bytes received from the origin (compressed chunks "
+                                              "count as stored)"),
                            ("chunks_fetched", "chunks fetched from the origin"),
                            ("memory_hits", "chunk reads answered from memory"),
                            ("disk_hits", "chunk loads answered by the disk cache"),

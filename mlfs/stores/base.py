@@ -30,9 +30,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
-import blake3
-
-from .. import config
+from .. import codec, config
 from ..errors import CorruptChunk, MlfsError, ObjectNotFound, StoreError, StoreUnavailable
 
 T = TypeVar("T")
@@ -67,6 +65,8 @@ class Store(ABC):
     #: Counted by the retry loop and the verified GET; read by ``mlfs stats``.
     retries: int = 0
     corrupt_reads: int = 0
+    #: Bytes of chunk objects received (frames count as stored, not as decoded).
+    received_bytes: int = 0
 
     # -- primitives -----------------------------------------------------------------------------
     @abstractmethod
@@ -175,19 +175,29 @@ class Store(ABC):
     def get_chunk_verified(self, chunk_id: str, size: int | None, deadline: float | None = None,
                            attempts: int = config.CORRUPT_ATTEMPTS) -> bytes:
         """The chunk's bytes, checked against its id (and *size*, when the caller knows it from a
-        manifest): never returns wrong bytes.
+        manifest): never returns wrong bytes.  A chunk stored as a frame (mlfs.codec) is decoded.
 
         A body that fails the check (damaged in transit) is fetched again, *attempts* times in all;
         then the object itself is taken to be corrupt (CorruptChunk).
         """
         for _ in range(attempts):
-            data = self.get_chunk(chunk_id, deadline)
-            if (size is None or len(data) == size) and len(data) <= config.MAX_CHUNK_SIZE \
-                    and blake3.blake3(data).hexdigest() == chunk_id:
+            body = self.get_chunk(chunk_id, deadline)
+            self.received_bytes += len(body)
+            data = codec.verified(chunk_id, body, size, config.MAX_CHUNK_SIZE)
+            if data is not None:
                 return data
             self.corrupt_reads += 1
         raise CorruptChunk(f"chunk {chunk_id[:16]} in {self.describe()} is corrupt "
-                           f"({len(data)} bytes, expected {size}, blake3 mismatch)")
+                           f"({len(body)} bytes for a chunk of {size}: neither the chunk nor a "
+                           "valid frame of it)")
+
+    def put_chunk_encoded(self, chunk_id: str, data: bytes | memoryview, compress: bool) -> int:
+        """Store a chunk, as a frame where *compress* and it pays (mlfs.codec); return the bytes
+        stored."""
+        frame = codec.encode(data) if compress else None
+        body = data if frame is None else frame
+        self.put_chunk(chunk_id, body)
+        return len(body)
 
     def has_chunk(self, chunk_id: str) -> bool:
         return self.head_chunk(chunk_id) is not None
