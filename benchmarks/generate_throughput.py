@@ -44,12 +44,16 @@ def main() -> None:
     if not (model / "model.safetensors").exists():
         make_model(model, int(args.size_gib * 2**30))
     size = sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
-    rows = {"mlfs generate": [], "cp -r": []}
+    rows = {"mlfs generate": [], "... --no-compress": [], "cp -r": []}
     for _ in range(args.runs):
         shutil.rmtree(work / "store", ignore_errors=True)
         rows["mlfs generate"].append(timed([sys.executable, "-m", "mlfs", "generate", str(model),
                                             "--store", str(work / "store"), "--id", "bench",
                                             "--version", "v1", "-o", str(work / "m.json")]))
+        shutil.rmtree(work / "store", ignore_errors=True)
+        rows["... --no-compress"].append(timed([
+            sys.executable, "-m", "mlfs", "generate", str(model), "--store", str(work / "store"),
+            "--id", "bench", "--version", "v1", "-o", str(work / "m.json"), "--no-compress"]))
         shutil.rmtree(work / "copy", ignore_errors=True)
         rows["cp -r"].append(timed(["cp", "-r", str(model), str(work / "copy")]))
     print(f"model: {size / 2**30:.2f} GiB, page cache dropped before each run: {timed.cold}; "

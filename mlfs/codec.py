@@ -39,7 +39,9 @@ TYPESIZES = (1, 2, 4)
 MIN_SAVING = 1 / 16
 #: zstd level 1: on weights it both compresses best and is fastest of levels 1-3 (ADR 0022).
 LEVEL = 1
-_SAMPLE = 64 << 10  # bytes per sample slice when choosing a typesize
+#: Bytes per sample slice when choosing a typesize.  Smaller samples chose badly: on MiniLM, 16 KiB
+#: slices picked typesize 1 or 2 for 42 of 76 fp32 chunks and stored 0.875 of it, 64 KiB 0.834.
+_SAMPLE = 64 << 10
 _SMALL = 16 << 10  # chunks below this are stored as they are: too small to be worth a frame
 
 _local = threading.local()
