@@ -13,7 +13,8 @@ recognised first by its hash.  Frame layout (8-byte header, then one zstd frame)
 
     b"MLZ\\x01"  typesize (1 byte: 1, 2 or 4)  3 zero bytes  zstd frame of the grouped bytes
 
-*Grouped* is the byte-grouping (shuffle) Blosc and Xet use: with a typesize of 4, every element's
+*Grouped* is the byte-grouping (shuffle) Blosc and Xet use (in C, ``mlfs/_shuffle.c``, where the
+package was built with a compiler; in bytes slicing otherwise): with a typesize of 4, every element's
 first byte, then every second byte, and so on.  The bytes that hold a float's sign and exponent are
 few-valued, and grouped they compress; interleaved with the mantissa's near-random bytes they do
 not.  Measured on 4 MiB pieces (zstd level 1): fp32 N(0,1) 0.84 of its size, bf16 weights with
@@ -65,7 +66,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def group(data: bytes | memoryview, typesize: int) -> bytes:
+def _group_py(data: bytes | memoryview, typesize: int) -> bytes:
     """Every element's byte 0, then every byte 1, ... (a tail shorter than an element is kept
     last, as it is)."""
     if typesize == 1:
@@ -76,8 +77,8 @@ def group(data: bytes | memoryview, typesize: int) -> bytes:
     return b"".join([body[k::typesize] for k in range(typesize)] + [whole[n * typesize:]])
 
 
-def ungroup(grouped: bytes, typesize: int) -> bytes:
-    """The inverse of :func:`group`."""
+def _ungroup_py(grouped: bytes, typesize: int) -> bytes:
+    """The inverse of :func:`_group_py`."""
     if typesize == 1:
         return grouped
     size = len(grouped)
@@ -88,6 +89,27 @@ def ungroup(grouped: bytes, typesize: int) -> bytes:
         out[k:n * typesize:typesize] = src[k * n:(k + 1) * n]
     out[n * typesize:] = src[n * typesize:]
     return bytes(out)
+
+
+try:  # the same in C, ~5x faster and without the GIL (mlfs/_shuffle.c); optional
+    from ._shuffle import group as _group_c, ungroup as _ungroup_c
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _group_c = _ungroup_c = None
+
+
+def group(data: bytes | memoryview, typesize: int) -> bytes:
+    """Every element's byte 0, then every byte 1, ... (a tail shorter than an element is kept
+    last, as it is)."""
+    if typesize == 1:
+        return bytes(data)
+    return _group_c(data, typesize) if _group_c else _group_py(data, typesize)
+
+
+def ungroup(grouped: bytes, typesize: int) -> bytes:
+    """The inverse of :func:`group`."""
+    if typesize == 1:
+        return grouped
+    return _ungroup_c(grouped, typesize) if _ungroup_c else _ungroup_py(grouped, typesize)
 
 
 def _samples(data: memoryview) -> bytes:

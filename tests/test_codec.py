@@ -53,6 +53,18 @@ def test_a_tail_shorter_than_an_element_survives(cut):
     assert frame is not None and codec.decode(frame, len(data)) == data
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=4099), st.integers(1, 16))
+def test_c_grouping_equals_the_python_one(data, typesize):
+    """mlfs/_shuffle.c is built by the installer (gcc is part of its set-up); the pure-Python
+    path is the fallback and the reference."""
+    assert codec._group_c is not None, "mlfs._shuffle was not built: pip install -e . with gcc"
+    grouped = codec._group_py(data, typesize)
+    assert codec._group_c(data, typesize) == grouped
+    assert codec._ungroup_c(grouped, typesize) == codec._ungroup_py(grouped, typesize) == data
+    assert codec._group_c(memoryview(data), typesize) == grouped  # any buffer
+
+
 def test_a_raw_chunk_that_starts_with_the_magic_is_still_itself():
     data = codec.FRAME_MAGIC + bytes((4, 0, 0, 0)) + RANDOM
     assert codec.encode(data) is None
