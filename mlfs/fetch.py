@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,9 @@ from .errors import MlfsError, StoreError
 from .stores import Store
 
 log = logging.getLogger("mlfs.fetch")
+
+#: Disk cache loads at once.  Background loads take at most all but one of them (docs/adr/0023).
+DISK_THREADS = 4
 
 
 @dataclass
@@ -92,7 +96,10 @@ class ChunkSource:
         self._lru_size = 0
         self._flights: dict[str, _Flight] = {}
         self._fetch_limiter = trio.CapacityLimiter(fetch_limit)
-        self._disk_limiter = trio.CapacityLimiter(4)
+        self._disk_limiter = trio.CapacityLimiter(DISK_THREADS)
+        # Background loads (a recognised load's stream, --prefetch all) hold at most all but one
+        # disk slot: a reader's own miss never waits behind a queue of them.
+        self._disk_background = trio.CapacityLimiter(DISK_THREADS - 1)
         self._background = trio.CapacityLimiter(background_limit)
         self._budget = ByteBudget(inflight_bytes)
         self.timeout = timeout
@@ -154,7 +161,8 @@ class ChunkSource:
         return flight.data
 
     async def _load(self, chunk_id: str, size: int | None, background: bool) -> bytes:
-        async with self._disk_limiter:
+        async with self._disk_background if background else contextlib.nullcontext(), \
+                self._disk_limiter:
             data = await trio.to_thread.run_sync(self._cache_get, chunk_id, size)
         if data is not None:
             self.counters.disk_hits += 1

@@ -384,3 +384,28 @@ def test_control_socket_survives_clients_that_leave_stall_or_lie(model, tmp_path
         assert b'"ok": true' in reply and ops.tree.manifest.version == "v1"
     run(go)
     assert sup.errors == 0
+
+
+def test_a_readers_miss_does_not_queue_behind_background_disk_loads(tmp_path):
+    """A stream (background loads) keeps at most all but one disk slot, so a reader's own load
+    starts at once instead of after the queue (docs/adr/0023)."""
+    source = ChunkSource(None, ChunkCache(tmp_path / "cache", 1 << 30))
+    done: list[str] = []
+
+    def slow_disk(cid, size):
+        time.sleep(0.1)
+        return bytes(size)
+    source._cache_get = slow_disk
+
+    async def go(n):
+        async def load(cid, background):
+            await source.get(cid, 1000, background=background)
+            done.append(cid)
+        for i in range(9):
+            n.start_soon(load, f"{i:064x}", True)
+        await trio.sleep(0.02)  # every background load has taken a slot or queued for one
+        await load("f" * 64, False)
+        # It started at once, beside the first three: queued behind the nine it would have come
+        # after seven or eight of them.
+        assert len(done) <= 4, len(done)
+    run(go)
