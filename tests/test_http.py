@@ -58,8 +58,12 @@ http {{
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_port(self.port, self.proc)
 
-    def access_log(self) -> list[str]:
-        return (self.work / "access.log").read_text().splitlines()
+    def access_log(self, lines: int = 0) -> list[str]:
+        """The access log, once it has at least *lines* lines: nginx writes a request's line
+        after the response has gone, so a client may read the log before it is there."""
+        log = self.work / "access.log"
+        wait_for(lambda: len(log.read_text().splitlines()) >= lines, 10, f"{lines} log lines")
+        return log.read_text().splitlines()
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -176,7 +180,7 @@ def test_a_compressed_answer_is_asked_again_through_urllib3(published, tmp_path)
         store.raw.request = gzip_anyway
         assert store.get_manifest_bytes("minilm", "v1") == \
             published.get_manifest_bytes("minilm", "v1")
-        assert [line.split('"')[1] for line in web.access_log()] == \
+        assert [line.split('"')[1] for line in web.access_log(2)] == \
             ["GET /manifests/minilm/v1.json HTTP/1.1"] * 2  # raw, then urllib3
     finally:
         web.stop()
