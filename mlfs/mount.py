@@ -193,7 +193,7 @@ def _serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts
                     allow_model_change=opts.allow_model_change), restart=True)
             if catalog is not None:
                 supervisor.start("catalog poll", lambda: switcher.poll_catalog(
-                    store, opts.catalog_poll), restart=True)
+                    store, opts.catalog_poll, catalog), restart=True)
             info["kernel"] = await trio.to_thread.run_sync(_tune_kernel, mountpoint,
                                                           opts.read_ahead_kb)
             if ready:

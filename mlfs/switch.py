@@ -148,9 +148,10 @@ class Switcher:
                 self.inodes.release(ino)
 
     async def switch(self, new: Tree, *, warm: bool = False, check: bool = True, label: str = "",
-                     changes: str = "") -> dict:
+                     changes: str = "", fill: list[mf.FileEntry] | None = None) -> dict:
         """Check or warm (see the module's docstring), flip to *new*, invalidate what changed,
-        fetch in the background what was not warmed; return the switch's figures."""
+        fetch in the background what was not warmed (of *fill*, where given: a catalog fills
+        only what a moved alias now shows); return the switch's figures."""
         async with self._lock:
             old = self.ops.tree
             t0 = time.monotonic()
@@ -188,9 +189,10 @@ class Switcher:
             log.info("switched %s -> %s: fetched %d bytes, warm %.3fs, flip %.3fs", result["from"],
                      result["to"], result["bytes_fetched"], t1 - t0, t2 - t1)
             self.ops.info["switches"] = self.ops.info.get("switches", 0) + 1
-            if not warm:
+            wanted = new.files if fill is None else fill
+            if not warm and wanted:
                 self.ops.supervisor.start(f"background fetch of {result['to']}",
-                                          lambda: self._fill(new.files, result["to"]))
+                                          lambda: self._fill(wanted, result["to"]))
             if self.on_switch is not None:
                 self.on_switch(result)
             return result
@@ -279,9 +281,15 @@ class Switcher:
                 self.ops.info["last_switch_error"] = reply["error"]
             await stream.send_all(json.dumps(reply).encode() + b"\n")
 
-    async def poll_catalog(self, store: Store, interval: float) -> None:
-        """Rebuild the catalog view whenever manifests or aliases change in the store."""
-        catalog = CatalogView(store)
+    async def poll_catalog(self, store: Store, interval: float,
+                           catalog: CatalogView | None = None) -> None:
+        """Rebuild the catalog view whenever manifests or aliases change in the store.
+
+        *catalog* is the view the mount started from (its first poll then sees no change).  After
+        a change only the files of aliases that moved are fetched in the background (a rollout
+        by alias); new versions, and everything at the first look, stay lazy.  Filling every
+        version a store holds made each node of a fleet fetch every version at mount time."""
+        catalog = catalog or CatalogView(store)
         while True:
             await trio.sleep(interval)
             try:
@@ -290,9 +298,11 @@ class Switcher:
                 log.warning("catalog poll of %s failed: %s", store.describe(), e)
                 continue
             if changed:
+                moved = tuple(f"{mid}/{alias}/" for mid, alias in catalog.moved)
                 await self.switch(Tree(files, self.inodes, self.ops.tree.mtime_ns), check=False,
                                   label=f"catalog ({catalog.summary()})",
-                                  changes=catalog.last_changes)
+                                  changes=catalog.last_changes,
+                                  fill=[f for f in files if f.path.startswith(moved)] if moved else [])
 
 
 class CatalogView:
@@ -306,6 +316,8 @@ class CatalogView:
         self._aliases: dict[tuple[str, str], str] = {}
         self._state: tuple = ()
         self.last_changes = ""  # what the last refresh changed: "minilm/stable v1->v2, +minilm@v3"
+        #: ``(model id, alias)`` of the aliases the last refresh saw move from one version to another
+        self.moved: set[tuple[str, str]] = set()
 
     def refresh(self) -> tuple[list[mf.FileEntry], bool]:
         from .catalog import list_aliases
@@ -334,6 +346,7 @@ class CatalogView:
         changes += [f"+{m}@{v}" for (m, v) in sorted(set(seen) - before_versions)]
         changes += [f"-{m}@{v}" for (m, v) in sorted(before_versions - set(seen))]
         self.last_changes = ", ".join(changes)
+        self.moved = {k for k, v in aliases.items() if self._aliases.get(k, v) != v}
         self._aliases = aliases
         state = (tuple(sorted((k, v[1].digest) for k, v in seen.items())), tuple(sorted(aliases.items())))
         changed = state != self._state

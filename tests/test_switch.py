@@ -174,6 +174,30 @@ def test_catalog_mount_shows_versions_and_follows_aliases(store, family, mounter
     assert mnt.stats()["bytes_fetched"] == fetched  # all already held via stable/head
 
 
+def test_a_catalog_mount_fetches_only_what_a_moved_alias_shows(store, family, mounter, tmp_path):
+    """A catalog mount stays lazy: neither its start nor a new version fetches chunks; a followed
+    alias that moves has its new files fetched in the background, before anyone reads them (a
+    rollout).  Until this test, each mount fetched every version in the store at its first poll."""
+    generate(family["v1"], store, "minilm", "v1")
+    m2 = generate(family["v2"], store, "minilm", "v2").manifest
+    run_mlfs("alias", "set", store.url, "minilm", "stable", "v1")
+    mnt = mounter("--store", store.url, "--cache-dir", tmp_path / "c", "--poll", "0.2")
+    start = mnt.stats()["bytes_fetched"]  # the prefetch set: configs, tokenizers, headers
+    time.sleep(1.0)  # several polls
+    assert mnt.stats()["bytes_fetched"] == start
+    generate(family["head"], store, "minilm", "head")
+    wait_for(lambda: "head" in os.listdir(mnt.mountpoint / "minilm"), what="a new version")
+    time.sleep(0.6)
+    assert mnt.stats()["bytes_fetched"] == start  # a new version: nothing fetched until read
+    v2_bytes = sum(m2.chunk_sizes().values())
+    run_mlfs("alias", "set", store.url, "minilm", "stable", "v2")
+    wait_for(lambda: mnt.stats()["bytes_fetched"] >= 0.9 * v2_bytes,
+             what="the moved alias's files fetched in the background")
+    assert mnt.stats()["bytes_fetched"] <= start + v2_bytes  # v2's chunks only, each once
+    stable = mnt.mountpoint / "minilm" / "stable" / "model.safetensors"
+    wait_for(lambda: sha(stable) == sha(family["v2"] / "model.safetensors"), what="alias change")
+
+
 def test_digest_pinning(store, two_versions, mounter, tmp_path):
     a, b = two_versions
     da = mf.loads(a.read_bytes()).digest
