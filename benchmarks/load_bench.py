@@ -249,7 +249,8 @@ def main() -> None:
         subprocess.run([PY, "-m", "mlfs", "generate", str(v1), "--store", plain, "--id", "llm",
                         "--version", "v1", "--no-compress"], env=env, check=True,
                        capture_output=True)
-        r["v1 stored / v1 bytes (compressed chunks)"] = stored_bytes(store, work / "v1.json", env) / size
+        r["v1 stored / v1 bytes (compressed chunks)"] = \
+            stored_bytes(store, work / "v1.json", env) / size
         m1, m2 = (json.loads((work / f"{v}.json").read_text()) for v in ("v1", "v2"))
         ids1 = {c for f in m1["files"] for c, _ in f["chunks"]}
         delta = sum(s for f in m2["files"] for c, s in f["chunks"] if c not in ids1)

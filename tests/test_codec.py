@@ -148,8 +148,8 @@ def test_compressed_store_end_to_end(store_url, store, minilm_dir, mounter, tmp_
     """MiniLM (real fp32 weights) generated compressed into a local or S3 store: its weights are
     frames a sixth smaller, verify --deep passes, export and a real mount give exact bytes, and the
     mount's stats show fewer bytes received than fetched."""
-    gen = run_mlfs("generate", minilm_dir, "--store", store_url, "--id", "minilm", "--version", "v1",
-                   "-o", tmp_path / "v1.json")
+    gen = run_mlfs("generate", minilm_dir, "--store", store_url, "--id", "minilm", "--version",
+                   "v1", "-o", tmp_path / "v1.json")
     assert " stored)" in gen.stderr  # "uploaded N new chunks (X MiB, Y MiB stored)"
     objects = _chunk_objects(store, tmp_path / "v1.json")
     raw = sum(s for s, _ in objects.values())
@@ -193,4 +193,5 @@ def test_verify_deep_names_a_damaged_frame(store_url, store, minilm_dir, tmp_pat
     deep = run_mlfs("verify", store_url, "--deep", "--json", check=False)
     assert deep.returncode == 1
     damage = json.loads(deep.stdout)["damage"]
-    assert [(d["chunk"], d["problem"]) for d in damage] == [(victim, "is corrupt (blake3 mismatch)")]
+    assert [(d["chunk"], d["problem"]) for d in damage] == \
+        [(victim, "is corrupt (blake3 mismatch)")]
