@@ -67,10 +67,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 
 def _group_py(data: bytes | memoryview, typesize: int) -> bytes:
-    """Every element's byte 0, then every byte 1, ... (a tail shorter than an element is kept
-    last, as it is)."""
-    if typesize == 1:
-        return bytes(data)
+    """:func:`group` in bytes slicing (the fallback, and the C code's reference)."""
     whole = bytes(data)
     n = len(whole) // typesize
     body = whole[:n * typesize]
@@ -78,9 +75,8 @@ def _group_py(data: bytes | memoryview, typesize: int) -> bytes:
 
 
 def _ungroup_py(grouped: bytes, typesize: int) -> bytes:
-    """The inverse of :func:`_group_py`."""
-    if typesize == 1:
-        return grouped
+    """:func:`ungroup` in ``bytearray`` slice assignment (the fallback, and the C code's
+    reference)."""
     size = len(grouped)
     n = size // typesize
     src = memoryview(grouped)

@@ -306,8 +306,9 @@ class Operations(pyfuse3.Operations):
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         entry = h.entry
-        started = time.perf_counter()
-        if log.isEnabledFor(logging.DEBUG):
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
+            started = time.perf_counter()
             log.debug("read %s fh=%d off=%d size=%d", entry.path, fh, off, size)
         slices = chunk_slices(entry, off, size)
         if not slices:
@@ -340,7 +341,7 @@ class Operations(pyfuse3.Operations):
         # pyfuse3 takes any buffer: a read inside one chunk is answered without copying it.
         out = parts[0] if len(parts) == 1 else b"".join(parts)
         self.source.counters.bytes_served += len(out)
-        if log.isEnabledFor(logging.DEBUG):
+        if debug:
             log.debug("read %s off=%d answered in %.1f ms", entry.path, off,
                       (time.perf_counter() - started) * 1e3)
         return out
