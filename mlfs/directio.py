@@ -29,7 +29,7 @@ PAGE = mmap.PAGESIZE
 #: ``O_DIRECT`` reads are issued in pieces of at most this size.  A reader's miss then waits behind
 #: a few 1 MiB requests in the disk's queue, not behind a stream's 4 MiB ones (10-40 ms per tensor
 #: head in a warm load), and this disk reads chunk files faster so: 1.08-1.11 GB/s at 2-4
-#: threads against 1.01-1.03 GB/s in 4 MiB reads (docs/adr/0022).
+#: threads against 1.01-1.03 GB/s in 4 MiB reads (docs/adr/0023).
 READ_PIECE = 1 << 20
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 

@@ -302,7 +302,7 @@ class Switcher:
                 await self.switch(Tree(files, self.inodes, self.ops.tree.mtime_ns), check=False,
                                   label=f"catalog ({catalog.summary()})",
                                   changes=catalog.last_changes,
-                                  fill=[f for f in files if f.path.startswith(moved)] if moved else [])
+                                  fill=[f for f in files if f.path.startswith(moved)])
 
 
 class CatalogView:
@@ -316,7 +316,8 @@ class CatalogView:
         self._aliases: dict[tuple[str, str], str] = {}
         self._state: tuple = ()
         self.last_changes = ""  # what the last refresh changed: "minilm/stable v1->v2, +minilm@v3"
-        #: ``(model id, alias)`` of the aliases the last refresh saw move from one version to another
+        #: ``(model id, alias)`` of the aliases the last refresh saw move from one version to
+        #: another
         self.moved: set[tuple[str, str]] = set()
 
     def refresh(self) -> tuple[list[mf.FileEntry], bool]:
