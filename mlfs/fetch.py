@@ -105,6 +105,13 @@ class ChunkSource:
         self.timeout = timeout
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mlfs-cache-write")
         self._write_slots = threading.BoundedSemaphore(16)
+        # Chunks the kernel's page cache holds (mlfs.fs pushed them) leave memory once the disk
+        # cache has them too (drop_pushed).  Fetch threads and cache writers change these sets,
+        # the trio thread reads them; single set operations are atomic under the GIL.
+        self._writing: set[str] = set()  # fetched, waiting for their admission to the disk cache
+        self._unadmitted: set[str] = set()  # fetched, refused by the disk cache, in memory
+        self._drop_when_written: set[str] = set()
+        self._token: trio.lowlevel.TrioToken | None = None
 
     # -- memory LRU (trio thread only) -----------------------------------------------------------
     def peek(self, chunk_id: str) -> bytes | None:
@@ -119,8 +126,36 @@ class ChunkSource:
         self._lru[chunk_id] = data
         self._lru_size += len(data)
         while self._lru_size > self.memory_bytes:
-            _, old = self._lru.popitem(last=False)
+            old_id, old = self._lru.popitem(last=False)
             self._lru_size -= len(old)
+            self._unadmitted.discard(old_id)
+
+    def _forget(self, chunk_id: str) -> None:
+        self._drop_when_written.discard(chunk_id)
+        data = self._lru.pop(chunk_id, None)
+        if data is not None:
+            self._lru_size -= len(data)
+            self._unadmitted.discard(chunk_id)
+
+    def drop_pushed(self, chunk_id: str) -> None:
+        """*chunk_id* is in the kernel's page cache now, which serves the reads it will get: drop
+        it from memory, at once if it came from the disk cache, else as soon as the disk cache
+        has admitted it (a read the page cache misses then finds it on disk, never needing a
+        second GET); never if the disk cache refused it.
+
+        Kept, it was a second copy of bytes the page cache holds, and every chunk of a load
+        after the first ``--memory`` worth landed in fresh memory: page faults were ~10% of the
+        mount's CPU in a cold load.  Dropped, its memory is used again by the next chunk
+        (docs/adr/0024)."""
+        if chunk_id in self._unadmitted:
+            return
+        if self._token is None:
+            self._token = trio.lowlevel.current_trio_token()
+        self._drop_when_written.add(chunk_id)
+        # The writer takes the id out of _writing before it looks at _drop_when_written, and this
+        # adds it there before it looks at _writing: at least one of the two sees the other.
+        if chunk_id not in self._writing:
+            self._forget(chunk_id)
 
     def in_flight(self, chunk_id: str) -> bool:
         return chunk_id in self._flights
@@ -205,15 +240,28 @@ class ChunkSource:
         # Admission to the disk cache happens off the read path; the pending queue is bounded, so
         # a disk slower than the network slows fetching down instead of growing memory.
         self._write_slots.acquire()
+        self._writing.add(chunk_id)
         self._writer.submit(self._admit, chunk_id, data)
         return data
 
     def _admit(self, chunk_id: str, data: bytes) -> None:
+        admitted = False
         try:
-            if not self.cache.put(chunk_id, data):
+            admitted = self.cache.put(chunk_id, data)
+            if not admitted:
                 self.counters.uncached_chunks += 1
         finally:
+            if not admitted:
+                if len(self._unadmitted) >= 4096:  # ids of chunks too large to stay in memory
+                    self._unadmitted.clear()
+                self._unadmitted.add(chunk_id)
+                self._drop_when_written.discard(chunk_id)
+            self._writing.discard(chunk_id)
             self._write_slots.release()
+        token = self._token
+        if admitted and chunk_id in self._drop_when_written and token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._forget, chunk_id)
 
     def flush(self) -> None:
         """Wait until every fetched chunk was offered to the disk cache (before unmounting)."""

@@ -60,6 +60,9 @@ REMNANTS = 4096
 #: ``MLFS_PUSH=0`` (for comparisons): the loader's page faults then find the pages there instead of
 #: each waiting for a FUSE round trip (docs/adr/0019).
 PUSH = os.environ.get("MLFS_PUSH", "1") != "0"
+#: A pushed chunk leaves the memory LRU once the disk cache has it (ChunkSource.drop_pushed,
+#: docs/adr/0024) unless ``MLFS_KEEP_PUSHED=1`` (for comparisons).
+KEEP_PUSHED = os.environ.get("MLFS_KEEP_PUSHED") == "1"
 #: notify_store calls at once.  One thread spent 0.35-0.41 s of a 0.65 s warm stream of 555 MiB in
 #: them; two brought the stream to 0.55-0.63 s (docs/adr/0019).  Disk threads (4 or 8) did not matter.
 PUSH_THREADS = 2
@@ -525,6 +528,8 @@ class Operations(pyfuse3.Operations):
                 return
         self.pushed_bytes += len(data)
         stream.consumed(i)
+        if not KEEP_PUSHED:
+            self.source.drop_pushed(entry.chunk_ids[i])
 
     def _pages(self, entry: FileEntry, i: int, data) -> list[tuple[int, object]]:
         """What to push for chunk *i* (bytes *data*): ``(file offset, bytes)`` pieces made of whole

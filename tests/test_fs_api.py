@@ -409,3 +409,48 @@ def test_a_readers_miss_does_not_queue_behind_background_disk_loads(tmp_path):
         # after seven or eight of them.
         assert len(done) <= 4, len(done)
     run(go)
+
+
+def test_a_pushed_chunk_leaves_memory_once_the_disk_cache_has_it(model, tmp_path):
+    """A chunk in the kernel's page cache (pushed by a stream) leaves the memory LRU, but a chunk
+    from the store only after the disk cache admitted it: a read the page cache misses then
+    loads it from disk, never with a second GET.  One the disk cache refused stays in memory;
+    one loaded from the disk cache leaves at once (docs/adr/0024)."""
+    store, m, blob = model
+    ops, source, _ = make_ops(store, m, tmp_path)
+    f = next(f for f in m.files if f.path == "blob.bin")
+    (a, b), sizes = f.chunk_ids[:2], f.chunk_sizes
+    writing = threading.Event()
+    put = source.cache.put
+
+    def held_put(cid, data):
+        if cid == a:
+            writing.wait(10)  # the disk is slow for chunk a
+        return put(cid, data) if cid != b else False  # ... and refuses chunk b
+    source.cache.put = held_put
+
+    async def until(cond):
+        for _ in range(200):
+            if cond():
+                return
+            await trio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    async def go(n):
+        for cid, size in ((a, sizes[0]), (b, sizes[1])):
+            await source.get(cid, size)
+            source.drop_pushed(cid)
+        await until(lambda: b in source._unadmitted)
+        source.drop_pushed(b)
+        assert source.peek(a) is not None  # not on disk yet: still the only copy here
+        assert source.peek(b) is not None  # never on disk
+        writing.set()
+        await until(lambda: source.peek(a) is None)
+        assert bytes(await source.get(a, sizes[0])) == blob[:sizes[0]]  # from the disk cache
+        assert source.counters.disk_hits == 1
+        source.drop_pushed(a)  # came from disk: leaves at once
+        assert source.peek(a) is None
+        assert source.peek(b) is not None
+    run(go)
+    assert store.gets[a] == 1 and store.gets[b] == 1
+    assert source.snapshot()["memory_bytes"] == sizes[1]
