@@ -1,0 +1,111 @@
+"""Where the CPU of a cold load goes: s5cmd's download + the local load, against mlfs's mount
+command, its daemon and the same load through the mount, over a shaped link.
+
+    python benchmarks/cpu_split.py [--rounds 3] [--size-mib 544] [--mbit 1000] [-- MOUNT ARGS]
+
+The set-up is load_bench.py's: s3rver in a network namespace behind a ``tc tbf`` veth link, the
+LLM-shaped model stored compressed (the default).  Each round: s5cmd downloads the file and the
+loader (``load_file`` + a copy of every tensor) reads it from the page cache s5cmd filled; an
+interpreter that only imports torch and safetensors (the loader's fixed cost); then a fresh
+mount with an empty cache and the page cache dropped, and the same loader through it.  Printed:
+every figure per round and its median, CPU in seconds, so a change to the daemon shows in the
+daemon's row without the loader's ±0.3 s of interpreter start (load_bench.py reports the sums as
+ratios).  ``MLFS_*`` variables in the environment reach the mount (A/B switches such as
+``MLFS_KEEP_PUSHED=1``).  Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import load_bench as lb  # noqa: E402
+from _common import ShapedLink, drop_caches  # noqa: E402
+
+
+def child_cpu(before: resource.struct_rusage) -> float:
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--size-mib", type=int, default=544)
+    ap.add_argument("--mbit", type=int, default=1000)
+    ap.add_argument("mount_args", nargs="*", help="extra mlfs mount options")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="mlfs-cpu-"))
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+    env.update(AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER",
+               AWS_DEFAULT_REGION="us-east-1")
+    link = ShapedLink("mlfs-cpu", args.mbit, subnet="10.79.0")
+    server = None
+    try:
+        v1, _ = lb.make_llm(work / "models", args.size_mib << 20)
+        path = v1 / "model.safetensors"
+        link.up()
+        (work / "s3").mkdir()
+        server = subprocess.Popen(["ip", "netns", "exec", link.ns, lb.S3RVER, "--address",
+                                   link.origin_ip, "--port", "4569", "--directory",
+                                   str(work / "s3"), "--silent", "--configure-bucket", "bench"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        endpoint = env["AWS_ENDPOINT_URL"] = f"http://{link.origin_ip}:4569"
+        for _ in range(100):
+            if subprocess.run(["curl", "-s", "-o", "/dev/null", endpoint]).returncode == 0:
+                break
+            time.sleep(0.1)
+        subprocess.run([lb.S5CMD, "--endpoint-url", endpoint, "cp", str(path), "s3://bench/raw/"],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
+        store = "s3://bench/models"
+        subprocess.run([lb.PY, "-m", "mlfs", "generate", str(v1), "--store", store, "--id", "llm",
+                        "--version", "v1"], env=env, check=True, capture_output=True)
+        rows: dict[str, list[float]] = {}
+        dl = work / "dl" / "model.safetensors"
+        for n in range(args.rounds):
+            lb.log(f"round {n + 1} of {args.rounds}")
+            drop_caches()
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run([lb.S5CMD, "--endpoint-url", endpoint, "cp",
+                            "s3://bench/raw/model.safetensors", str(dl)], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            lb.add(rows, "s5cmd download", child_cpu(before))
+            lb.add(rows, "loader, local file (after s5cmd)", lb.run_py(lb.LOAD_FILE, dl)[1])
+            lb.add(rows, "interpreter + torch import only",
+                   lb.run_py("import torch, safetensors.torch; print(0)")[1])
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            drop_caches()
+            m = lb.Mount(work / "mnt", work / "cache", "--store", store, "--id", "llm",
+                         "--version", "v1", *args.mount_args, env=env)
+            try:
+                lb.add(rows, "mlfs mount command", m.start_cpu)
+                reader = lb.run_py(lb.LOAD_FILE, m.mnt / "model.safetensors")[1]
+                lb.add(rows, "mlfs daemon", m.cpu())
+                lb.add(rows, "loader, through the mount", reader)
+                lb.add(rows, "mlfs received MB", m.stats()["received_bytes"] / 1e6)
+            finally:
+                m.close()
+        for k, v in rows.items():
+            print(f"{k:36s} median {statistics.median(v):8.3f}   " + " ".join(f"{x:.3f}" for x in v))
+        s5 = statistics.median(rows["s5cmd download"]) + statistics.median(rows["loader, local file (after s5cmd)"])
+        ml = sum(statistics.median(rows[k]) for k in ("mlfs mount command", "mlfs daemon",
+                                                      "loader, through the mount"))
+        print(f"mlfs (command + daemon + loader) / (s5cmd + loader): {ml / s5:.3f}")
+    finally:
+        if server is not None:
+            server.terminate()
+        link.down()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
