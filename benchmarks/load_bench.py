@@ -373,6 +373,7 @@ def main() -> None:
                 t = time.perf_counter()
                 subprocess.run([PY, "-m", "mlfs", "switch", str(sw.mnt), str(work / "v2.json"),
                                 *extra], env=env, check=True, capture_output=True)
+                add(v2rounds, f"mlfs switch command ({kind})", time.perf_counter() - t)
                 run_py(LOAD_FILE, sw.mnt / "model.safetensors")
                 add(v2rounds, f"mlfs v2 after v1 ({kind}: switch + load)", time.perf_counter() - t)
                 sw.close()

@@ -152,10 +152,15 @@ class ChunkSource:
         if self._token is None:
             self._token = trio.lowlevel.current_trio_token()
         self._drop_when_written.add(chunk_id)
-        # The writer takes the id out of _writing before it looks at _drop_when_written, and this
-        # adds it there before it looks at _writing: at least one of the two sees the other.
-        if chunk_id not in self._writing:
-            self._forget(chunk_id)
+        # The writer takes the id out of _writing before it looks at _drop_when_written (and puts
+        # a refused one in _unadmitted before either); this adds it to _drop_when_written before
+        # it looks at _writing, then _unadmitted: at least one of the two sees the other.
+        if chunk_id in self._writing:
+            return
+        if chunk_id in self._unadmitted:
+            self._drop_when_written.discard(chunk_id)
+            return
+        self._forget(chunk_id)
 
     def in_flight(self, chunk_id: str) -> bool:
         return chunk_id in self._flights
