@@ -106,3 +106,22 @@ class ShapedLink:
     def sent_bytes(self) -> int:
         """Bytes the namespace's side has sent across the link so far."""
         return int(self.sh("cat", f"/sys/class/net/{self.vo}/statistics/tx_bytes", ns=True).stdout)
+
+
+def s3rver_in(link: ShapedLink, s3rver: str, directory: Path, bucket: str = "bench",
+              port: int = 4569) -> tuple[subprocess.Popen, str]:
+    """s3rver keeping its buckets in *directory*, inside *link*'s namespace (its veth up), with
+    *bucket* made; the process and its endpoint, once it answers."""
+    server = subprocess.Popen(["ip", "netns", "exec", link.ns, s3rver, "--address", link.origin_ip,
+                               "--port", str(port), "--directory", str(directory), "--silent",
+                               "--configure-bucket", bucket],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://{link.origin_ip}:{port}"
+    for _ in range(100):
+        if subprocess.run(["curl", "-s", "-o", "/dev/null", endpoint]).returncode == 0:
+            return server, endpoint
+        if server.poll() is not None:
+            break
+        time.sleep(0.1)
+    server.terminate()
+    raise RuntimeError(f"s3rver did not answer at {endpoint}")

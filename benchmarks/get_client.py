@@ -27,7 +27,7 @@ import blake3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import ShapedLink  # noqa: E402
+from _common import ShapedLink, s3rver_in  # noqa: E402
 
 S3RVER = os.environ.get("S3RVER", "/opt/s3rver/node_modules/.bin/s3rver")
 GiB = 1 << 30
@@ -66,15 +66,7 @@ def main() -> None:
     server = None
     try:
         link.up()
-        server = subprocess.Popen(["ip", "netns", "exec", link.ns, S3RVER, "--address",
-                                   link.origin_ip, "--port", "4569", "--directory", str(work),
-                                   "--silent", "--configure-bucket", "bench"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        endpoint = f"http://{link.origin_ip}:4569"
-        for _ in range(100):
-            if subprocess.run(["curl", "-s", "-o", "/dev/null", endpoint]).returncode == 0:
-                break
-            time.sleep(0.1)
+        server, endpoint = s3rver_in(link, S3RVER, work)
         os.environ.update(env, AWS_ENDPOINT_URL=endpoint)
         from mlfs.stores import open_store
 

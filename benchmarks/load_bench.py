@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ShapedLink, drop_caches  # noqa: E402
+from _common import ShapedLink, drop_caches, s3rver_in  # noqa: E402
 
 PY = sys.executable
 S3RVER = os.environ.get("S3RVER", "/opt/s3rver/node_modules/.bin/s3rver")
@@ -227,16 +227,8 @@ def main() -> None:
         size = path1.stat().st_size
         link.up()
         (work / "s3").mkdir(exist_ok=True)
-        server = subprocess.Popen(["ip", "netns", "exec", link.ns, S3RVER, "--address", link.origin_ip,
-                                   "--port", "4569", "--directory", str(work / "s3"), "--silent",
-                                   "--configure-bucket", "bench"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        endpoint = f"http://{link.origin_ip}:4569"
+        server, endpoint = s3rver_in(link, S3RVER, work / "s3")
         env["AWS_ENDPOINT_URL"] = endpoint
-        for _ in range(100):
-            if subprocess.run(["curl", "-s", "-o", "/dev/null", endpoint]).returncode == 0:
-                break
-            time.sleep(0.1)
         subprocess.run([S5CMD, "--endpoint-url", endpoint, "cp", str(path1), "s3://bench/raw/"],
                        env=env, check=True, stdout=subprocess.DEVNULL)
         store = "s3://bench/models"

@@ -440,7 +440,7 @@ def test_a_pushed_chunk_leaves_memory_once_the_disk_cache_has_it(model, tmp_path
         for cid, size in ((a, sizes[0]), (b, sizes[1])):
             await source.get(cid, size)
             source.drop_pushed(cid)
-        await until(lambda: b in source._unadmitted)
+        await until(lambda: source.counters.uncached_chunks == 1)
         source.drop_pushed(b)
         assert source.peek(a) is not None  # not on disk yet: still the only copy here
         assert source.peek(b) is not None  # never on disk
