@@ -344,10 +344,8 @@ def main() -> None:
             add(rounds, "mlfs warm load_file, whole process", WALL["last"])
             add(rounds, "mlfs warm cpu (mount + reader)", w.cpu() - cpu0 + reader_cpu)
             add(rounds, "mlfs hot load_file", run_py(LOAD_FILE, w.mnt / "model.safetensors")[0][0])
-            if n < WARM_ROUNDS - 1:
-                w.close()
+            w.close()
         medians(r, rounds, "mlfs warm load_file", "local load_file", "warm vs local")
-        w.close()
         # v2 after v1 on the same host: a mount at v1 over v1's cache (a copy of the cold pass's),
         # switched to v2, then loaded; COLD_ROUNDS rounds of each switch, interleaved, medians
         # (one round moved by 0.3 s with the disk in earlier runs).

@@ -147,8 +147,6 @@ class ChunkSource:
         after the first ``--memory`` worth landed in fresh memory: page faults were ~10% of the
         mount's CPU in a cold load.  Dropped, its memory is used again by the next chunk
         (docs/adr/0024)."""
-        if chunk_id in self._unadmitted:
-            return
         if self._token is None:
             self._token = trio.lowlevel.current_trio_token()
         self._drop_when_written.add(chunk_id)
