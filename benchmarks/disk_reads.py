@@ -1,7 +1,8 @@
 """How fast this disk gives back a model: the file itself through the page cache's read-ahead
 (what a local ``load_file`` does) against the chunk cache's files, read as a warm stream reads
-them (``O_DIRECT``, docs/adr/0019, 0023) and through the page cache — with the average size of
-the requests the disk saw (docs/adr/0024).
+them (``O_DIRECT`` into huge pages, docs/adr/0019, 0023, 0025), into ordinary pages as before,
+and through the page cache — with the average size of the requests the disk saw
+(docs/adr/0024).
 
     python benchmarks/disk_reads.py [--rounds 4] [--size-mib 544] [--dir /var/tmp/mlfs-disk]
 
@@ -42,10 +43,33 @@ def disk_stat(path: Path) -> tuple[int, int]:
     return int(fields[0]), int(fields[2])
 
 
-def read_direct(files: list[str], threads: int) -> None:
-    """As a warm stream loads chunks: O_DIRECT, in mlfs.directio's pieces, *threads* at once."""
+def read_direct(files: list[str], threads: int, huge: bool = True) -> None:
+    """As a warm stream loads chunks: O_DIRECT, in mlfs.directio's pieces, *threads* at once;
+    into huge pages (docs/adr/0025) or, with *huge* false, into ordinary ones as before."""
+    buffers.HUGE_PAGES = huge
     with ThreadPoolExecutor(threads) as ex:
-        list(ex.map(lambda f: directio.read_direct(f, os.path.getsize(f) + 1), files))
+        # Each buffer is dropped once read, as a warm stream drops a chunk once pushed (ADR 0024):
+        # pooled huge-page regions are then reused (ADR 0025).
+        list(ex.map(lambda f: len(directio.read_direct(f, os.path.getsize(f) + 1)), files))
+
+
+def read_mapped(path: Path) -> None:
+    """As a local ``load_file`` reads its file: mapped (``MAP_PRIVATE``) and faulted in order
+    with ``MADV_SEQUENTIAL``, every page touched (safetensors 0.8's ``load_file`` maps lazily: the
+    tensors it returns read the file as they are first used)."""
+    import mmap
+
+    import numpy as np
+
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    try:
+        m.madvise(mmap.MADV_SEQUENTIAL)
+        pages = np.frombuffer(m, np.uint8)[::mmap.PAGESIZE]
+        int(pages.sum())
+        del pages
+    finally:
+        m.close()
 
 
 def read_buffered(files: list[str], threads: int) -> None:
@@ -67,8 +91,6 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=544)
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp/mlfs-disk"))
     args = ap.parse_args()
-    from safetensors.torch import load_file
-
     work = args.dir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -84,10 +106,11 @@ def main() -> None:
         files = [str(cache.path(c)) for c in entry.chunk_ids]
         total = sum(os.path.getsize(f) - SEAL for f in files)
         ways = {
-            # In this process: torch's own files stay mapped, so the disk sees the model's reads.
-            "model file, local load_file (read-ahead)": lambda: load_file(str(model)),
+            "model file, mapped as load_file maps it (read-ahead)": lambda: read_mapped(model),
             "chunk files, O_DIRECT, 3 threads (a warm stream)": lambda: read_direct(files, 3),
             "chunk files, O_DIRECT, 8 threads": lambda: read_direct(files, 8),
+            "chunk files, O_DIRECT into 4 KiB pages, 3 threads (before ADR 0025)":
+                lambda: read_direct(files, 3, huge=False),
             "chunk files, page cache, 3 threads": lambda: read_buffered(files, 3),
         }
         rows: dict[str, list[tuple[float, float]]] = {k: [] for k in ways}

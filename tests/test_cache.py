@@ -267,3 +267,71 @@ def test_prune_indexes_genuine_strays_and_removes_the_rest(tmp_path):
     assert report["strays_indexed"] == 2 and report["chunks"] == 2
     assert bytes(c.get(good, 3000)) == data and bytes(c.get(old, 2000)) == old_data
     assert not c.path(forged).exists()
+
+
+def _anon_huge_kib(address: int) -> int | None:
+    """AnonHugePages of the mapping holding *address* in this process (None if not found)."""
+    lines = open("/proc/self/smaps").read().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()
+        if "-" in head[0] and all(c in "0123456789abcdef-" for c in head[0]):
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            if lo <= address < hi:
+                for field in lines[i + 1:]:
+                    if field.startswith("AnonHugePages:"):
+                        return int(field.split()[1])
+    return None
+
+
+def test_huge_regions_are_reused_only_once_every_view_of_them_is_gone():
+    """A region goes back to the pool when its last view goes (slices and read-only views
+    included), and only then: a view kept is never handed out again underneath."""
+    import ctypes
+
+    from mlfs import buffers
+
+    n = (4 << 20) + PAGE
+    first = buffers.huge(n)
+    assert first is not None and len(first) >= n and not first.readonly
+    address = ctypes.addressof(ctypes.c_char.from_buffer(first))
+    assert address % buffers.HUGE == 0
+    first[:n] = b"\x5a" * n
+    kept = first[PAGE:2 * PAGE].toreadonly()
+    del first
+    others = [buffers.huge(n) for _ in range(3)]
+    for o in others:
+        assert ctypes.addressof(ctypes.c_char.from_buffer(o)) != address
+        o[:n] = b"\x00" * n
+    assert bytes(kept) == b"\x5a" * PAGE
+    del others
+    mapped = buffers._pool.mapped
+    del kept
+    again = buffers.huge(n)  # the first region (or another freed one) comes back: no new mapping
+    assert buffers._pool.mapped == mapped
+    assert ctypes.addressof(ctypes.c_char.from_buffer(again)) % buffers.HUGE == 0
+
+
+def test_huge_regions_get_huge_pages_where_the_kernel_gives_them():
+    """Not a silent no-op: where transparent huge pages are offered on request, a region used
+    for a chunk read is backed by them (docs/adr/0025)."""
+    import ctypes
+
+    from mlfs import buffers
+
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        mode = "[never]"
+    require("[never]" not in mode, f"transparent huge pages are off here ({mode.strip()})")
+    view = buffers.huge(4 << 20)
+    view[:] = b"\x01" * len(view)  # fault it in
+    kib = _anon_huge_kib(ctypes.addressof(ctypes.c_char.from_buffer(view)))
+    assert kib is not None and kib >= 2048, kib
+
+
+def test_the_pool_keeps_a_bounded_amount_of_free_memory():
+    from mlfs import buffers
+
+    views = [buffers.huge((2 << 20) + i * buffers.STEP) for i in range(24)]  # many sizes
+    del views
+    assert 0 < buffers._pool.free_bytes <= buffers.POOL_BYTES
