@@ -40,6 +40,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import blake3
@@ -53,6 +54,11 @@ log = logging.getLogger("mlfs.cache")
 
 #: Bytes of the seal after each chunk's content in its cache file.
 SEAL = 16
+#: A chunk read whole is remembered as checksums of blocks of this size, so that a later read of
+#: a few pages of it can read and check only their blocks (:meth:`ChunkCache.get_part`).
+BLOCK = 128 << 10
+#: Chunks whose block checksums are remembered (8 bytes per block: ~2 KiB per 4 MiB chunk).
+BLOCK_TABLES = 16384
 
 
 def seal(chunk_id: str, data) -> bytes:
@@ -102,6 +108,10 @@ class ChunkCache:
         self._atimes: dict[str, float] = {}
         self._atimes_lock = threading.Lock()
         self._atimes_flushed = time.monotonic()
+        # Block checksums of chunks read whole and checked, newest last (get_part).
+        self._blocks: OrderedDict[str, bytes] = OrderedDict()
+        self._blocks_lock = threading.Lock()
+        self.part_reads = 0  # reads answered from a few blocks of a chunk file
         try:
             # What the cache creates only its user can write, whatever the umask (seals, ADR 0009).
             self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -261,12 +271,67 @@ class ChunkCache:
         if got == size + SEAL:
             if view[size:got] != seal(chunk_id, data):
                 return None
-            if self.trust_seals or blake3.blake3(data).hexdigest() == chunk_id:
+            if self.trust_seals:
+                self._remember_blocks(chunk_id, data)
                 return data
-            return None
+            return data if blake3.blake3(data).hexdigest() == chunk_id else None
         if got == size:  # written before seals (mlfs 0.1): check the content against its id
             return data if blake3.blake3(data).hexdigest() == chunk_id else None
         return None
+
+    # -- reads of a few blocks ------------------------------------------------------------------
+    #
+    # A page the kernel dropped from a mounted file (memory pressure, or whatever evicts single
+    # pages on this VM: docs/adr/0026) comes back as a FUSE read of 4-256 KiB.  Loading its whole
+    # 4 MiB chunk to check the seal took 3-5 ms per page; a chunk this process has read whole once
+    # is remembered as 8-byte checksums per 128 KiB block, and such a read then reads and checks
+    # only its blocks.  Only where seals are trusted (a private cache directory): elsewhere
+    # every load is re-hashed with blake3, and so are whole chunks only.
+    @staticmethod
+    def _block_sums(chunk_id: str, data) -> bytes:
+        seed = int(chunk_id[:16], 16)
+        return b"".join(xxhash.xxh3_64_digest(data[i:i + BLOCK], seed=seed ^ (i // BLOCK))
+                        for i in range(0, len(data), BLOCK))
+
+    def _remember_blocks(self, chunk_id: str, data) -> None:
+        if len(data) < 4 * BLOCK:  # a chunk this small is read whole as cheaply
+            return
+        sums = self._block_sums(chunk_id, data)
+        with self._blocks_lock:
+            self._blocks[chunk_id] = sums
+            self._blocks.move_to_end(chunk_id)
+            while len(self._blocks) > BLOCK_TABLES:
+                self._blocks.popitem(last=False)
+
+    def has_blocks(self, chunk_id: str) -> bool:
+        return chunk_id in self._blocks
+
+    def get_part(self, chunk_id: str, size: int, start: int, end: int) -> memoryview | None:
+        """Bytes ``[start, end)`` of a cached chunk of *size* bytes, read and checked block by
+        block; None if its block checksums are not remembered, the file cannot be read, or a
+        block does not match (the caller then loads the chunk whole, which finds a damaged file
+        and removes it)."""
+        sums = self._blocks.get(chunk_id)
+        if sums is None or not 0 <= start < end <= size or len(sums) != -(-size // BLOCK) * 8:
+            return None
+        lo, hi = start // BLOCK, -(-end // BLOCK)
+        first, last = lo * BLOCK, min(hi * BLOCK, size)
+        try:
+            raw = directio.read_range(self.path(chunk_id), first, last - first, self.direct_reads)
+        except OSError:
+            return None
+        if len(raw) != last - first:
+            return None
+        seed = int(chunk_id[:16], 16)
+        for k in range(lo, hi):
+            a = (k - lo) * BLOCK
+            if xxhash.xxh3_64_digest(raw[a:a + BLOCK], seed=seed ^ k) != sums[8 * k:8 * k + 8]:
+                with self._blocks_lock:
+                    self._blocks.pop(chunk_id, None)
+                return None
+        self.part_reads += 1
+        self._touch(chunk_id)
+        return raw[start - first:end - first]
 
     def contains(self, chunk_id: str) -> bool:
         return self.path(chunk_id).exists()
@@ -330,6 +395,8 @@ class ChunkCache:
         return True
 
     def _remove(self, chunk_id: str) -> None:
+        with self._blocks_lock:
+            self._blocks.pop(chunk_id, None)
         self.path(chunk_id).unlink(missing_ok=True)
         try:
             self._db().execute("DELETE FROM chunks WHERE id = ?", [chunk_id])

@@ -178,7 +178,7 @@ _COUNTERS = {"bytes_served", "bytes_fetched", "received_bytes", "chunks_fetched"
              "cache_misses", "fetch_errors", "corrupt_chunks", "corrupt_cache_files",
              "uncached_chunks", "cache_write_errors", "retries", "prefetched_bytes",
              "background_errors", "on_switch_runs", "on_switch_failures", "switches",
-             "streamed_bytes", "pushed_bytes", "push_seconds", "loads_recognised"}
+             "streamed_bytes", "pushed_bytes", "push_seconds", "loads_recognised", "part_reads"}
 
 
 def prometheus(stats: dict) -> str:

@@ -148,6 +148,38 @@ def read_direct(path: str | os.PathLike[str], limit: int) -> memoryview:
     return memoryview(raw)[start:start + min(got, limit)]
 
 
+def read_range(path: str | os.PathLike[str], offset: int, length: int, direct: bool) -> memoryview:
+    """*length* bytes of the file from *offset* (fewer at its end), with ``O_DIRECT`` where
+    *direct* (*offset* a multiple of the page size) or through the page cache.  Raises OSError."""
+    if not direct:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return memoryview(os.pread(fd, length, offset))
+        finally:
+            os.close(fd)
+    n = _round(length)
+    raw, writable, address = unfilled(n + PAGE)
+    start = -address % PAGE
+    got = 0
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_DIRECT)
+        try:
+            while got < length:
+                k = os.preadv(fd, [writable[start + got:start + n]], offset + got)
+                if k == 0:
+                    break
+                got += k
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise DirectIOUnsupported(str(e)) from None
+            raise
+        finally:
+            os.close(fd)
+    finally:
+        writable.release()
+    return memoryview(raw)[start:start + min(got, length)]
+
+
 def write_file(path: str | os.PathLike[str], data, direct: bool, trailer: bytes = b"") -> None:
     """Create *path* holding *data* followed by *trailer* (the caller renames it into place).
 

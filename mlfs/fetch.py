@@ -223,6 +223,16 @@ class ChunkSource:
             return await trio.to_thread.run_sync(self._fetch_sync, chunk_id, size,
                                                  abandon_on_cancel=True)
 
+    async def get_part(self, chunk_id: str, size: int, start: int, end: int):
+        """Bytes ``[start, end)`` of a chunk not in memory, read and checked block by block from
+        the disk cache where it can (ChunkCache.get_part: a chunk this process has read whole
+        before); None otherwise, and the caller loads the chunk whole.  Nothing is kept in
+        memory: such a read is a page the kernel let go of, not the start of a chunk's reads."""
+        if not self.cache.has_blocks(chunk_id):
+            return None
+        async with self._disk_limiter:
+            return await trio.to_thread.run_sync(self.cache.get_part, chunk_id, size, start, end)
+
     def _cache_get(self, chunk_id: str, size: int | None):
         if size is None:  # a caller without a manifest (mlfs serve): the file says the size
             size = self.cache.size_of(chunk_id)
@@ -304,6 +314,7 @@ class ChunkSource:
             "received_bytes": self.store.received_bytes if self.store else 0,
             "corrupt_chunks": self.store.corrupt_reads if self.store else 0,
             "corrupt_cache_files": self.cache.corrupt, "uncached_chunks": c.uncached_chunks,
+            "part_reads": self.cache.part_reads,
             "cache_write_errors": self.cache.write_errors,
             "retries": self.store.retries if self.store else 0,
             "prefetched_bytes": c.prefetched_bytes, "streamed_bytes": c.streamed_bytes,

@@ -60,6 +60,9 @@ REMNANTS = 4096
 #: ``MLFS_PUSH=0`` (for comparisons): the loader's page faults then find the pages there instead of
 #: each waiting for a FUSE round trip (docs/adr/0019).
 PUSH = os.environ.get("MLFS_PUSH", "1") != "0"
+#: A read of a few pages of a chunk read whole before reads only their blocks (ChunkCache.get_part,
+#: docs/adr/0026) unless ``MLFS_PART_READS=0`` (for comparisons).
+PART_READS = os.environ.get("MLFS_PART_READS", "1") != "0"
 #: A pushed chunk leaves the memory LRU once the disk cache has it (ChunkSource.drop_pushed,
 #: docs/adr/0024) unless ``MLFS_KEEP_PUSHED=1`` (for comparisons).
 KEEP_PUSHED = os.environ.get("MLFS_KEEP_PUSHED") == "1"
@@ -324,12 +327,21 @@ class Operations(pyfuse3.Operations):
                 if stream is not None:
                     for i, _, _ in slices:
                         stream.consumed(i)
-        if self.source.peek(entry.chunk_ids[slices[-1][0]]) is None:
+        # Pages the kernel let go of, in chunks this mount has read whole before, are read back
+        # block by block (docs/adr/0026): then nothing is fetched ahead for them either.
+        by_parts = [self.source.peek(entry.chunk_ids[i]) is None and self._by_part(entry, i, a, b)
+                    for i, a, b in slices]
+        if self.source.peek(entry.chunk_ids[slices[-1][0]]) is None and not by_parts[-1]:
             self._tensor_ahead(entry, off + size)
         parts = []
-        for i, a, b in slices:
+        for (i, a, b), by_part in zip(slices, by_parts):
             cid = entry.chunk_ids[i]
             data = self.source.peek(cid)
+            if data is None and by_part:
+                part = await self.source.get_part(cid, entry.chunk_sizes[i], a, b)
+                if part is not None:
+                    parts.append(part)
+                    continue
             if data is None:
                 try:
                     data = await self.source.get(cid, entry.chunk_sizes[i])
@@ -348,6 +360,13 @@ class Operations(pyfuse3.Operations):
             log.debug("read %s off=%d answered in %.1f ms", entry.path, off,
                       (time.perf_counter() - started) * 1e3)
         return out
+
+    def _by_part(self, entry: FileEntry, i: int, a: int, b: int) -> bool:
+        """Whether bytes ``[a, b)`` of chunk *i* are best read as blocks (ChunkSource.get_part):
+        a quarter of the chunk at most, its block checksums known, no load of it under way."""
+        cid = entry.chunk_ids[i]
+        return (PART_READS and (b - a) * 4 <= entry.chunk_sizes[i]
+                and self.source.cache.has_blocks(cid) and not self.source.in_flight(cid))
 
     def _readahead(self, h: Handle, start: int, end: int) -> None:
         """On sequential access, keep chunks loading ahead of the reader.

@@ -99,6 +99,15 @@ async def open_file(ops, name: str) -> int:
     return info.fh
 
 
+async def until(cond):
+    """Wait (up to 2 s) for *cond* to hold: work that threads finish off the event loop."""
+    for _ in range(200):
+        if cond():
+            return
+        await trio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
 def run(fn):
     """Run ``fn(nursery)`` under trio with the nursery given to read-ahead, as mount.py does."""
     async def main():
@@ -429,13 +438,6 @@ def test_a_pushed_chunk_leaves_memory_once_the_disk_cache_has_it(model, tmp_path
         return put(cid, data) if cid != b else False  # ... and refuses chunk b
     source.cache.put = held_put
 
-    async def until(cond):
-        for _ in range(200):
-            if cond():
-                return
-            await trio.sleep(0.01)
-        raise AssertionError("timed out")
-
     async def go(n):
         for cid, size in ((a, sizes[0]), (b, sizes[1])):
             await source.get(cid, size)
@@ -454,3 +456,56 @@ def test_a_pushed_chunk_leaves_memory_once_the_disk_cache_has_it(model, tmp_path
     run(go)
     assert store.gets[a] == 1 and store.gets[b] == 1
     assert source.snapshot()["memory_bytes"] == sizes[1]
+
+
+def test_a_few_pages_of_a_chunk_read_before_come_back_block_by_block(model, tmp_path):
+    """Pages the kernel let go of (docs/adr/0026): a small read of a chunk that this mount read
+    whole before, and that has left memory since, is answered from its blocks in the disk cache,
+    byte for byte, without loading the chunk whole; a damaged block sends it the whole way (the
+    seal then finds the damage and the chunk is fetched again)."""
+    store, m, blob = model
+    ops, source, _ = make_ops(store, m, tmp_path, memory_bytes=1 << 20)  # a chunk cannot stay
+    f = next(f for f in m.files if f.path == "blob.bin")
+    first = f.chunk_ids[0]
+
+    async def go(n):
+        ops.supervisor.nursery = n
+        fh = await open_file(ops, "blob.bin")
+        assert bytes(await ops.read(fh, 0, PIECE)) == blob[:PIECE]  # fetched, then read whole
+        await until(lambda: source.cache.contains(first))
+        source._forget(first)
+        assert bytes(await ops.read(fh, 0, 4096)) == blob[:4096]  # whole from disk: sums known
+        source._forget(first)
+        disk = source.counters.disk_hits
+        for off, size in ((5, 4096), (131072 - 100, 300), (PIECE - 8192, 8192), (777777, 65536)):
+            assert bytes(await ops.read(fh, off, size)) == blob[off:off + size], (off, size)
+        assert source.cache.part_reads == 4 and source.counters.disk_hits == disk
+        assert source.peek(first) is None  # nothing kept in memory for them
+
+        raw = bytearray(source.cache.path(first).read_bytes())
+        raw[300000] ^= 1
+        source.cache.path(first).write_bytes(bytes(raw))
+        gets = store.gets.get(first, 0)
+        assert bytes(await ops.read(fh, 299000, 4096)) == blob[299000:303096]
+        assert store.gets[first] == gets + 1 and source.cache.corrupt == 1
+        assert source.cache.part_reads == 4
+        await ops.release(fh)
+    run(go)
+
+
+def test_blocks_are_remembered_only_where_seals_are_trusted(tmp_path):
+    """Where other users can write the cache every load is re-hashed with blake3 (ADR 0009); a
+    block checksum would be a weaker check, so none is kept and reads load chunks whole."""
+    import blake3
+
+    data = os.urandom(PIECE)
+    cid = blake3.blake3(data).hexdigest()
+    cache = ChunkCache(tmp_path / "cache", 1 << 30)
+    assert cache.put(cid, data)
+    assert cache.get_part(cid, len(data), 0, 10) is None  # never read whole: nothing known
+    assert bytes(cache.get(cid, len(data))) == data
+    assert bytes(cache.get_part(cid, len(data), 262140, 262150)) == data[262140:262150]
+    cache.trust_seals = False
+    cache._blocks.clear()
+    assert bytes(cache.get(cid, len(data))) == data
+    assert not cache.has_blocks(cid) and cache.get_part(cid, len(data), 0, 10) is None
