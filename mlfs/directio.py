@@ -106,9 +106,10 @@ def read_file(path: str | os.PathLike[str], size: int, direct: bool) -> bytes | 
     return bytes(data) if len(data) == size else None
 
 
-def read_direct(path: str | os.PathLike[str], limit: int) -> memoryview:
-    """Up to *limit* bytes of the file (fewer if it is shorter), read with ``O_DIRECT`` straight
-    into the buffer that is handed back: from 1 MiB up a region backed by huge pages
+def read_direct(path: str | os.PathLike[str], limit: int, offset: int = 0) -> memoryview:
+    """Up to *limit* bytes of the file from *offset* (a multiple of the page size; fewer bytes at
+    the file's end), read with ``O_DIRECT`` straight
+    into the buffer that is handed back: from 2 MiB up a region backed by huge pages
     (:func:`mlfs.buffers.huge`, docs/adr/0025), which the disk takes in larger requests; below
     that a page-aligned window of a new ``bytes`` object.
 
@@ -129,7 +130,8 @@ def read_direct(path: str | os.PathLike[str], limit: int) -> memoryview:
         fd = os.open(path, os.O_RDONLY | _O_DIRECT)
         try:
             while got < limit:
-                k = os.preadv(fd, [writable[start + got:start + min(n, got + READ_PIECE)]], got)
+                k = os.preadv(fd, [writable[start + got:start + min(n, got + READ_PIECE)]],
+                              offset + got)
                 if k == 0:
                     break
                 got += k
@@ -151,33 +153,13 @@ def read_direct(path: str | os.PathLike[str], limit: int) -> memoryview:
 def read_range(path: str | os.PathLike[str], offset: int, length: int, direct: bool) -> memoryview:
     """*length* bytes of the file from *offset* (fewer at its end), with ``O_DIRECT`` where
     *direct* (*offset* a multiple of the page size) or through the page cache.  Raises OSError."""
-    if not direct:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            return memoryview(os.pread(fd, length, offset))
-        finally:
-            os.close(fd)
-    n = _round(length)
-    raw, writable, address = unfilled(n + PAGE)
-    start = -address % PAGE
-    got = 0
+    if direct:
+        return read_direct(path, length, offset)
+    fd = os.open(path, os.O_RDONLY)
     try:
-        fd = os.open(path, os.O_RDONLY | _O_DIRECT)
-        try:
-            while got < length:
-                k = os.preadv(fd, [writable[start + got:start + n]], offset + got)
-                if k == 0:
-                    break
-                got += k
-        except OSError as e:
-            if e.errno == errno.EINVAL:
-                raise DirectIOUnsupported(str(e)) from None
-            raise
-        finally:
-            os.close(fd)
+        return memoryview(os.pread(fd, length, offset))
     finally:
-        writable.release()
-    return memoryview(raw)[start:start + min(got, length)]
+        os.close(fd)
 
 
 def write_file(path: str | os.PathLike[str], data, direct: bool, trailer: bytes = b"") -> None:

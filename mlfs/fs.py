@@ -329,14 +329,14 @@ class Operations(pyfuse3.Operations):
                         stream.consumed(i)
         # Pages the kernel let go of, in chunks this mount has read whole before, are read back
         # block by block (docs/adr/0026): then nothing is fetched ahead for them either.
-        by_parts = [self.source.peek(entry.chunk_ids[i]) is None and self._by_part(entry, i, a, b)
-                    for i, a, b in slices]
-        if self.source.peek(entry.chunk_ids[slices[-1][0]]) is None and not by_parts[-1]:
+        held = [self.source.peek(entry.chunk_ids[i]) for i, _, _ in slices]
+        by_parts = [data is None and self._by_part(entry, i, a, b)
+                    for data, (i, a, b) in zip(held, slices)]
+        if held[-1] is None and not by_parts[-1]:
             self._tensor_ahead(entry, off + size)
         parts = []
-        for (i, a, b), by_part in zip(slices, by_parts):
+        for (i, a, b), data, by_part in zip(slices, held, by_parts):
             cid = entry.chunk_ids[i]
-            data = self.source.peek(cid)
             if data is None and by_part:
                 part = await self.source.get_part(cid, entry.chunk_sizes[i], a, b)
                 if part is not None:
