@@ -42,6 +42,12 @@ def unfilled(n: int) -> tuple[bytes, memoryview, int]:
 # (writes: 1.34 against 0.99 GB/s).  Fresh memory is dear here (the first touch of a region costs
 # more than the read into it), so regions are kept in a small pool and handed out again when the
 # last view of one is gone.
+#
+# Dearest of all is a fresh huge page: this VM's balloon device reports free 2 MiB blocks to the
+# host (virtio free page reporting), which takes them back, so the first touch of one waits for the
+# host: ~5 ms per huge page measured, against ~0.25 ms for one the guest still holds.  A new mount
+# paid that for each of the ~10 regions its first warm load kept in flight, ~10% of its CPU in
+# that load; a mount now faults a few in (:func:`prefault`) while the loader is still starting.
 
 import mmap as _mmap
 import os
@@ -56,6 +62,9 @@ STEP = 256 << 10
 HUGE_MIN = HUGE
 #: Free regions kept for reuse, in bytes; more are unmapped.
 POOL_BYTES = 32 << 20
+#: A free region up to this many times the size asked for is handed out rather than a new one
+#: mapped (a 3 MiB chunk gets a free 4 MiB chunk's region).
+FIT = 1.5
 #: ``MLFS_HUGE_PAGES=0``: chunk files are read and written through ordinary memory, as before
 #: docs/adr/0025 (for comparisons).
 HUGE_PAGES = os.environ.get("MLFS_HUGE_PAGES") != "0"
@@ -118,17 +127,51 @@ class _Pool:
         self.free_bytes = 0
         self.mapped = 0  # regions mapped so far (for tests and benchmarks)
 
-    def take(self, capacity: int) -> int | None:
+    def take(self, capacity: int) -> tuple[int, int] | None:
+        """``(address, capacity)`` of a region of at least *capacity* bytes: a free one of that
+        size, else the smallest free one up to :data:`FIT` times as large, else a new one; None
+        if the kernel gives no memory."""
         with self._lock:
-            for key in reversed(self._free):  # the most recently used: its pages are warm
+            best = None
+            for key in reversed(self._free):  # the most recently used first: its pages are warm
                 if key[0] == capacity:
-                    del self._free[key]
-                    self.free_bytes -= capacity
-                    return key[1]
+                    best = key
+                    break
+                if capacity < key[0] <= capacity * FIT and (best is None or key[0] < best[0]):
+                    best = key
+            if best is not None:
+                del self._free[best]
+                self.free_bytes -= best[0]
+                return best[1], best[0]
         address = _map(capacity)
-        if address is not None:
+        if address is None:
+            return None
+        self.mapped += 1
+        return address, capacity
+
+    def release_free(self) -> None:
+        """Unmap every free region (tests start from an empty pool with it)."""
+        with self._lock:
+            free, self._free, self.free_bytes = list(self._free), {}, 0
+        for size, where in free:
+            _c_munmap(where, size)
+
+    def prefault(self, count: int, capacity: int) -> int:
+        """Map *count* regions of *capacity* bytes, touch every page and keep them free, as far
+        as :data:`POOL_BYTES` allows; return how many were added."""
+        added = 0
+        for _ in range(count):
+            with self._lock:
+                if self.free_bytes + capacity > POOL_BYTES:
+                    break
+            address = _map(capacity)
+            if address is None:
+                break
             self.mapped += 1
-        return address
+            ctypes.memset(address, 0, capacity)  # the first touch: huge pages faulted in now
+            self.give_back(address, capacity)
+            added += 1
+        return added
 
     def give_back(self, address: int, capacity: int) -> None:
         unmap = []
@@ -150,6 +193,20 @@ class _Pool:
 _pool = _Pool()
 
 
+#: Regions :func:`prefault` adds to the pool: about what a warm stream keeps in flight
+#: (``MLFS_HUGE_PREFAULT`` sets it; 0 for none).
+PREFAULT = int(os.environ.get("MLFS_HUGE_PREFAULT", "6"))
+
+
+def prefault(n: int, count: int = PREFAULT) -> int:
+    """Fault in *count* regions for reads of *n* bytes ahead of their use, as far as the pool's
+    bound allows; return how many were added.  Blocks for a few ms per region: call it from a
+    worker thread."""
+    if not HUGE_PAGES or n < HUGE_MIN or count <= 0:
+        return 0
+    return _pool.prefault(count, _capacity(n))
+
+
 def huge(n: int) -> memoryview | None:
     """A writable view of at least *n* bytes (*n* ≥ :data:`HUGE_MIN`) in memory backed by huge
     pages where the kernel has them, starting on a huge-page boundary; None if no memory could be
@@ -158,10 +215,10 @@ def huge(n: int) -> memoryview | None:
     and read-only views included) is gone."""
     if not HUGE_PAGES:
         return None
-    capacity = _capacity(n)
-    address = _pool.take(capacity)
-    if address is None:
+    got = _pool.take(_capacity(n))
+    if got is None:
         return None
+    address, capacity = got
     array = (ctypes.c_char * capacity).from_address(address)
     array._lease = _Lease(address, capacity)  # lives exactly as long as the array
     return memoryview(array).cast("B")

@@ -46,7 +46,7 @@ from pathlib import Path
 import blake3
 import xxhash
 
-from . import directio
+from . import buffers, config, directio
 from .errors import CacheError
 
 log = logging.getLogger("mlfs.cache")
@@ -232,6 +232,14 @@ class ChunkCache:
                 db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+
+    def prefault(self) -> int:
+        """Fault in the huge-page buffers that reads of whole pieces will take (mlfs.buffers): a
+        mount calls it once, in a worker thread, while its first loader is still starting.
+        Returns how many were added."""
+        if not self.direct_reads:
+            return 0
+        return buffers.prefault(directio.buffer_bytes(config.PIECE_SIZE + SEAL + 1))
 
     def size_of(self, chunk_id: str) -> int | None:
         """The content size of a cached chunk (its file less the seal), or None if not cached."""

@@ -38,6 +38,11 @@ def _round(n: int) -> int:
     return max(PAGE, (n + PAGE - 1) // PAGE * PAGE)
 
 
+def buffer_bytes(limit: int) -> int:
+    """The size of the buffer :func:`read_direct` takes for a read of *limit* bytes."""
+    return _round(limit)
+
+
 def _region(size: int) -> memoryview:
     """Writable, zeroed memory of *size* rounded up to whole pages, starting on a page boundary
     (an anonymous private mapping), as ``O_DIRECT`` transfers need."""

@@ -198,6 +198,7 @@ def _serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts
                                                           opts.read_ahead_kb)
             if ready:
                 ready(warning)
+            supervisor.start("buffer prefault", lambda: trio.to_thread.run_sync(cache.prefault))
             if opts.prefetch_all and manifest is not None:
                 supervisor.start("prefetch all", lambda: _warm_all(source, manifest))
             if opts.metrics_file:

@@ -335,3 +335,41 @@ def test_the_pool_keeps_a_bounded_amount_of_free_memory():
     views = [buffers.huge((2 << 20) + i * buffers.STEP) for i in range(24)]  # many sizes
     del views
     assert 0 < buffers._pool.free_bytes <= buffers.POOL_BYTES
+
+
+def test_prefaulted_regions_serve_the_reads_of_whole_pieces(tmp_path):
+    """A mount faults in a few regions before its first load (mlfs.buffers.prefault): reads of
+    whole pieces then map no new memory, and the pool's bound holds."""
+    from mlfs import buffers, config
+
+    cache = ChunkCache(tmp_path / "cache", 1 << 30)
+    require(cache.direct_reads, "O_DIRECT is refused here")
+    buffers._pool.release_free()  # what earlier tests left
+    ids = []
+    for k in range(3):
+        data = bytes([k + 1]) * config.PIECE_SIZE
+        cid = blake3.blake3(data).hexdigest()
+        cache.put(cid, data)
+        ids.append(cid)
+    added = cache.prefault()
+    assert 1 <= added <= buffers.PREFAULT
+    assert buffers._pool.free_bytes <= buffers.POOL_BYTES
+    mapped = buffers._pool.mapped
+    got = [cache.get(cid, config.PIECE_SIZE) for cid in ids[:added]]
+    assert [bytes(g[:1]) for g in got] == [bytes([k + 1]) for k in range(len(got))]
+    assert buffers._pool.mapped == mapped, "a read mapped fresh memory beside prefaulted regions"
+
+
+def test_a_free_region_somewhat_larger_is_handed_out_but_not_a_much_larger_one():
+    from mlfs import buffers
+
+    buffers._pool.release_free()
+    big = buffers.huge(4 << 20)
+    size = len(big)
+    del big  # free in the pool now
+    mapped = buffers._pool.mapped
+    smaller = buffers.huge(int(size / buffers.FIT) + buffers.STEP)  # fits: the free region serves
+    assert buffers._pool.mapped == mapped and len(smaller) == size
+    del smaller
+    tiny = buffers.huge(buffers.HUGE_MIN)  # a region 2x its size would waste too much: a new one
+    assert buffers._pool.mapped == mapped + 1 and len(tiny) < size
