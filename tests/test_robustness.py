@@ -95,6 +95,7 @@ def test_interrupted_switch_leaves_the_mount_serving(moto_server, family, mounte
     with FaultProxy(moto_server, latency=0.4) as proxy:
         env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url}
         mnt = mounter("--manifest", a, "--cache-dir", tmp_path / "c", env=env)
+        gone = 0  # clients that died before their answer
         for sig, version, path in targets:
             before = mnt.stats()["bytes_fetched"]
             # --warm: the switch's long phase is its fetch (a default switch only asks the store
@@ -106,12 +107,16 @@ def test_interrupted_switch_leaves_the_mount_serving(moto_server, family, mounte
             assert p.poll() is None and mnt.stats()["version"] != version, p.stderr.read()
             p.send_signal(sig)
             p.wait(30)
+            # A client dead before the flip cannot get its answer, and the mount must say so.
+            # (The switch may also have ended between the check above and the signal: once in
+            # CI, one of two such lines was missing.)
+            gone += mnt.stats()["version"] != version
             alive(mnt)
             # The mount finishes the switch it was asked for; its answer has nowhere to go.
             wait_for(lambda: mnt.stats()["version"] == version, timeout=120, what="the switch")
             assert sha(mnt.mountpoint / "model.safetensors") == sha(family[version] / "model.safetensors")
         assert mnt.stats()["background_errors"] == 0
-    assert mnt.log.read_text().count("control client went away") == 2
+    assert gone >= 1 and gone <= mnt.log.read_text().count("control client went away") <= 2
 
 
 def test_files_of_dead_processes_are_cleaned_at_the_next_start(store, family, mounter, tmp_path):
