@@ -204,11 +204,11 @@ class ChunkCache:
     #: Last-access times are written in batches of this many, or after this many seconds.
     ATIME_BATCH, ATIME_SECONDS = 256, 2.0
 
-    def _touch(self, chunk_id: str) -> None:
+    def _touch(self, chunk_id: str, flush: bool = True) -> None:
         with self._atimes_lock:
             self._atimes[chunk_id] = time.time()
-            due = (len(self._atimes) >= self.ATIME_BATCH
-                   or time.monotonic() - self._atimes_flushed >= self.ATIME_SECONDS)
+            due = flush and (len(self._atimes) >= self.ATIME_BATCH
+                             or time.monotonic() - self._atimes_flushed >= self.ATIME_SECONDS)
         if due:
             self.flush_atimes()
 
@@ -314,11 +314,13 @@ class ChunkCache:
     def has_blocks(self, chunk_id: str) -> bool:
         return chunk_id in self._blocks
 
-    def get_part(self, chunk_id: str, size: int, start: int, end: int) -> memoryview | None:
+    def get_part(self, chunk_id: str, size: int, start: int, end: int,
+                 flush: bool = True) -> memoryview | None:
         """Bytes ``[start, end)`` of a cached chunk of *size* bytes, read and checked block by
         block; None if its block checksums are not remembered, the file cannot be read, or a
         block does not match (the caller then loads the chunk whole, which finds a damaged file
-        and removes it)."""
+        and removes it).  ``flush=False``: the read's last-access time waits for the next
+        flush (no database write here: the event loop calls it)."""
         sums = self._blocks.get(chunk_id)
         if sums is None or not 0 <= start < end <= size or len(sums) != -(-size // BLOCK) * 8:
             return None
@@ -338,7 +340,7 @@ class ChunkCache:
                     self._blocks.pop(chunk_id, None)
                 return None
         self.part_reads += 1
-        self._touch(chunk_id)
+        self._touch(chunk_id, flush)
         return raw[start - first:end - first]
 
     def contains(self, chunk_id: str) -> bool:

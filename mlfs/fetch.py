@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,6 +36,14 @@ log = logging.getLogger("mlfs.fetch")
 
 #: Disk cache loads at once.  Background loads take at most all but one of them (docs/adr/0023).
 DISK_THREADS = 4
+#: Block reads (docs/adr/0026) of at most this many bytes are done on the event loop itself
+#: while the disk cache has nothing else to do: a hand-off to a worker thread and back cost more
+#: than the read (docs/adr/0028).  ``MLFS_INLINE_PART_READS=0`` sends them all to threads.
+INLINE_PART_MAX = 64 << 10
+INLINE_PART_READS = os.environ.get("MLFS_INLINE_PART_READS") != "0"
+#: An inline block read slower than this (a disk in trouble) sends block reads to worker threads
+#: for ``INLINE_BACKOFF`` seconds: the event loop answers every other request meanwhile.
+INLINE_SLOW, INLINE_BACKOFF = 0.005, 30.0
 
 
 @dataclass
@@ -97,6 +107,7 @@ class ChunkSource:
         self._flights: dict[str, _Flight] = {}
         self._fetch_limiter = trio.CapacityLimiter(fetch_limit)
         self._disk_limiter = trio.CapacityLimiter(DISK_THREADS)
+        self._inline_after = 0.0  # block reads run on the event loop from then on (get_part)
         # Background loads (a recognised load's stream, --prefetch all) hold at most all but one
         # disk slot: a reader's own miss never waits behind a queue of them.
         self._disk_background = trio.CapacityLimiter(DISK_THREADS - 1)
@@ -227,9 +238,21 @@ class ChunkSource:
         """Bytes ``[start, end)`` of a chunk not in memory, read and checked block by block from
         the disk cache where it can (ChunkCache.get_part: a chunk this process has read whole
         before); None otherwise, and the caller loads the chunk whole.  Nothing is kept in
-        memory: such a read is a page the kernel let go of, not the start of a chunk's reads."""
+        memory: such a read is a page the kernel let go of, not the start of a chunk's reads.
+        A small one is read on the event loop while no other disk load runs (INLINE_PART_MAX)."""
         if not self.cache.has_blocks(chunk_id):
             return None
+        if (INLINE_PART_READS and end - start <= INLINE_PART_MAX
+                and self._disk_limiter.borrowed_tokens == 0
+                and time.monotonic() >= self._inline_after):
+            started = time.monotonic()
+            data = self.cache.get_part(chunk_id, size, start, end, flush=False)
+            took = time.monotonic() - started
+            if took > INLINE_SLOW:
+                self._inline_after = time.monotonic() + INLINE_BACKOFF
+                log.info("a block read took %.0f ms: block reads go to worker threads for %.0f s",
+                         took * 1e3, INLINE_BACKOFF)
+            return data
         async with self._disk_limiter:
             return await trio.to_thread.run_sync(self.cache.get_part, chunk_id, size, start, end)
 

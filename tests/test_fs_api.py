@@ -493,6 +493,46 @@ def test_a_few_pages_of_a_chunk_read_before_come_back_block_by_block(model, tmp_
     run(go)
 
 
+def test_small_block_reads_run_on_the_event_loop_until_one_is_slow(model, tmp_path, monkeypatch):
+    """A block read of a page (docs/adr/0028) is done on the event loop while the disk cache has
+    nothing else to do; once one takes longer than INLINE_SLOW, they go to worker threads, so
+    that a disk in trouble cannot hold up every other request."""
+    import threading
+
+    from mlfs import fetch
+
+    store, m, blob = model
+    ops, source, _ = make_ops(store, m, tmp_path, memory_bytes=1 << 20)
+    f = next(f for f in m.files if f.path == "blob.bin")
+    first = f.chunk_ids[0]
+    loop_thread = threading.get_ident()
+    threads = []
+    real = source.cache.get_part
+
+    def spy(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(source.cache, "get_part", spy)
+
+    async def go(n):
+        ops.supervisor.nursery = n
+        fh = await open_file(ops, "blob.bin")
+        assert bytes(await ops.read(fh, 0, PIECE)) == blob[:PIECE]
+        await until(lambda: source.cache.contains(first))
+        source._forget(first)
+        assert bytes(await ops.read(fh, 0, 4096)) == blob[:4096]  # whole from disk: sums known
+        source._forget(first)
+        assert bytes(await ops.read(fh, 8192, 4096)) == blob[8192:12288]
+        assert threads == [loop_thread]
+        monkeypatch.setattr(fetch, "INLINE_SLOW", 0.0)  # every read is now "slow"
+        assert bytes(await ops.read(fh, 20480, 4096)) == blob[20480:24576]  # inline, then back off
+        assert bytes(await ops.read(fh, 40960, 4096)) == blob[40960:45056]
+        assert threads[:2] == [loop_thread, loop_thread] and threads[2] != loop_thread
+        assert source.cache.part_reads == 3
+        await ops.release(fh)
+    run(go)
+
+
 def test_blocks_are_remembered_only_where_seals_are_trusted(tmp_path):
     """Where other users can write the cache every load is re-hashed with blake3 (ADR 0009); a
     block checksum would be a weaker check, so none is kept and reads load chunks whole."""
