@@ -46,7 +46,7 @@ from pathlib import Path
 import blake3
 import xxhash
 
-from . import buffers, config, directio
+from . import buffers, config, dataplane, directio
 from .errors import CacheError
 
 log = logging.getLogger("mlfs.cache")
@@ -90,6 +90,10 @@ def _unseal(chunk_id: str, raw: bytes) -> bytes | None:
     return None
 
 
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info([{table}])")}
+
+
 def _tables(db: sqlite3.Connection) -> set[str]:
     return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
@@ -111,6 +115,7 @@ class ChunkCache:
         # Block checksums of chunks read whole and checked, newest last (get_part).
         self._blocks: OrderedDict[str, bytes] = OrderedDict()
         self._blocks_lock = threading.Lock()
+        self._new_sums: dict[str, bytes | None] = {}  # for the index, with the atimes (None: wrong)
         self.part_reads = 0  # reads answered from a few blocks of a chunk file
         try:
             # What the cache creates only its user can write, whatever the umask (seals, ADR 0009).
@@ -133,6 +138,8 @@ class ChunkCache:
         #: Seals are checked on load only where nobody else can write chunk files; elsewhere loads
         #: re-hash with blake3, which cannot be forged (docs/adr/0009).
         self.trust_seals = _private(self.root) and _private(self.root / "chunks")
+        #: ... and stored block checksums only where nobody else can write the index either.
+        self.index_private = _private(self.root / "index.db")
         if not self.trust_seals:
             log.warning("cache directory %s is writable by other users: every load is re-hashed "
                         "with blake3", self.root)
@@ -141,7 +148,7 @@ class ChunkCache:
         """Create the index, or bring one written by an older mlfs up to date (any number of
         processes may do this at once: it is one ``BEGIN IMMEDIATE`` transaction)."""
         db = self._db()
-        if "totals" in _tables(db):
+        if "totals" in _tables(db) and "blocks" in _columns(db, "chunks"):
             return
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -159,6 +166,10 @@ class ChunkCache:
                            "SET count = count + 1, bytes = bytes + NEW.size; END")
                 db.execute("CREATE TRIGGER chunks_removed AFTER DELETE ON chunks BEGIN UPDATE totals "
                            "SET count = count - 1, bytes = bytes - OLD.size; END")
+            if "blocks" not in _columns(db, "chunks"):
+                # The chunk's block checksums (get_part), written with the chunk: a new mount
+                # reads a few blocks of a chunk without reading it whole first (docs/adr/0029).
+                db.execute("ALTER TABLE chunks ADD COLUMN [blocks] BLOB")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -198,13 +209,14 @@ class ChunkCache:
             self.corrupt += 1
             self._remove(chunk_id)
             return None
-        self._touch(chunk_id)
+        self.touch(chunk_id)
         return data
 
     #: Last-access times are written in batches of this many, or after this many seconds.
     ATIME_BATCH, ATIME_SECONDS = 256, 2.0
 
-    def _touch(self, chunk_id: str, flush: bool = True) -> None:
+    def touch(self, chunk_id: str, flush: bool = True) -> None:
+        """Record a use of *chunk_id* for the LRU (written in batches: flush_atimes)."""
         with self._atimes_lock:
             self._atimes[chunk_id] = time.time()
             due = flush and (len(self._atimes) >= self.ATIME_BATCH
@@ -217,14 +229,19 @@ class ChunkCache:
         hint only: a crash loses at most a batch of them, and eviction order shifts slightly."""
         with self._atimes_lock:
             batch, self._atimes = self._atimes, {}
+            sums, self._new_sums = self._new_sums, {}
             self._atimes_flushed = time.monotonic()
-        if not batch:
+        if not batch and not sums:
             return
         db = self._db()
         try:
             db.execute("BEGIN")
             db.executemany("UPDATE chunks SET atime = ? WHERE id = ?",
                            [(t, cid) for cid, t in batch.items()])
+            db.executemany("UPDATE chunks SET blocks = ? WHERE id = ? AND blocks IS NULL",
+                           [(b, cid) for cid, b in sums.items() if b is not None])
+            db.executemany("UPDATE chunks SET blocks = NULL WHERE id = ?",
+                           [(cid,) for cid, b in sums.items() if b is None])
             db.execute("COMMIT")
         except sqlite3.Error as e:
             log.debug("cache: last-access times not written: %s", e)
@@ -258,6 +275,22 @@ class ChunkCache:
         """
         want = size + SEAL + 1
         path = self.path(chunk_id)
+        if self.direct_reads and self.trust_seals and dataplane.NATIVE:
+            try:  # read, seal and block checksums in one C call (docs/adr/0029)
+                data, ok, sums = directio.read_sealed(
+                    path, size, SEAL, int(chunk_id[:16], 16), BLOCK if size >= 4 * BLOCK else 0)
+            except directio.DirectIOUnsupported:
+                log.info("cache %s: O_DIRECT reads refused; reading through the page cache",
+                         self.root)
+                self.direct_reads = False
+            else:
+                if ok is None:  # not a sealed file of this size: the checks below say what it is
+                    return self._check(chunk_id, size, data, len(data))
+                if not ok:
+                    return None
+                if sums is not None:
+                    self.keep_block_sums(chunk_id, sums)
+                return data[:size]
         if self.direct_reads:
             try:
                 view = directio.read_direct(path, want)
@@ -274,7 +307,9 @@ class ChunkCache:
                         break
                     raw += more
             view = memoryview(raw)
-        got = len(view)
+        return self._check(chunk_id, size, view, len(view))
+
+    def _check(self, chunk_id: str, size: int, view, got: int) -> memoryview | None:
         data = view[:size]
         if got == size + SEAL:
             if view[size:got] != seal(chunk_id, data):
@@ -304,12 +339,42 @@ class ChunkCache:
     def _remember_blocks(self, chunk_id: str, data) -> None:
         if len(data) < 4 * BLOCK:  # a chunk this small is read whole as cheaply
             return
-        sums = self._block_sums(chunk_id, data)
+        self.keep_block_sums(chunk_id, self._block_sums(chunk_id, data))
+
+    def keep_block_sums(self, chunk_id: str, sums: bytes, store: bool = True) -> None:
+        """Remember *chunk_id*'s block checksums (from a read whole that matched its seal); with
+        *store*, write them to the index too if it has none (a chunk cached by an older mlfs),
+        with the next batch of last-access times."""
+        if store:
+            with self._atimes_lock:
+                self._new_sums[chunk_id] = sums
         with self._blocks_lock:
             self._blocks[chunk_id] = sums
             self._blocks.move_to_end(chunk_id)
             while len(self._blocks) > BLOCK_TABLES:
                 self._blocks.popitem(last=False)
+
+    def load_block_sums(self, chunk_ids: list[str]) -> int:
+        """Bring the stored block checksums of *chunk_ids* (those not remembered yet) from the
+        index into memory, so that reads of a few of their blocks need no whole read first.
+        Only where seals are trusted, the index included.  Returns how many were found."""
+        if not self.trust_seals or not self.index_private:
+            return 0
+        want = [c for c in dict.fromkeys(chunk_ids) if c not in self._blocks]
+        found = 0
+        db = self._db()
+        try:
+            for k in range(0, len(want), 500):
+                part = want[k:k + 500]
+                rows = db.execute(f"SELECT id, size, blocks FROM chunks WHERE blocks IS NOT NULL "
+                                  f"AND id IN ({','.join('?' * len(part))})", part).fetchall()
+                for cid, size, sums in rows:
+                    if len(sums) == -(-(size - SEAL) // BLOCK) * 8:
+                        self.keep_block_sums(cid, bytes(sums), store=False)
+                        found += 1
+        except sqlite3.Error as e:
+            log.debug("cache: block checksums not read: %s", e)
+        return found
 
     def has_blocks(self, chunk_id: str) -> bool:
         return chunk_id in self._blocks
@@ -338,9 +403,11 @@ class ChunkCache:
             if xxhash.xxh3_64_digest(raw[a:a + BLOCK], seed=seed ^ k) != sums[8 * k:8 * k + 8]:
                 with self._blocks_lock:
                     self._blocks.pop(chunk_id, None)
+                with self._atimes_lock:  # the stored ones are wrong, or the file is: not again
+                    self._new_sums[chunk_id] = None
                 return None
         self.part_reads += 1
-        self._touch(chunk_id, flush)
+        self.touch(chunk_id, flush)
         return raw[start - first:end - first]
 
     def contains(self, chunk_id: str) -> bool:
@@ -392,8 +459,9 @@ class ChunkCache:
                         self.path(vid).unlink(missing_ok=True)
                 final.parent.mkdir(mode=0o755, exist_ok=True)
                 os.replace(tmp, final)
-                db.execute("INSERT INTO chunks (id, size, atime) VALUES (?, ?, ?)",
-                           [chunk_id, size, time.time()])
+                db.execute("INSERT INTO chunks (id, size, atime, blocks) VALUES (?, ?, ?, ?)",
+                           [chunk_id, size, time.time(),
+                            self._block_sums(chunk_id, data) if len(data) >= 4 * BLOCK else None])
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")

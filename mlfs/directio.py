@@ -23,6 +23,7 @@ import mmap
 import os
 import threading
 
+from . import dataplane
 from .buffers import HUGE_MIN, huge, unfilled
 
 PAGE = mmap.PAGESIZE
@@ -124,12 +125,7 @@ def read_direct(path: str | os.PathLike[str], limit: int, offset: int = 0) -> me
     ``O_DIRECT``.
     """
     n = _round(limit)
-    writable = huge(n) if n >= HUGE_MIN else None  # docs/adr/0025
-    if writable is not None:
-        raw, start = writable, 0
-    else:
-        raw, writable, address = unfilled(n + PAGE)  # not zeroed first (mlfs.buffers)
-        start = -address % PAGE
+    raw, writable, start = _direct_buffer(n)
     got = 0
     try:
         fd = os.open(path, os.O_RDONLY | _O_DIRECT)
@@ -149,10 +145,59 @@ def read_direct(path: str | os.PathLike[str], limit: int, offset: int = 0) -> me
     finally:
         if raw is not writable:
             writable.release()
+    return _handed_out(raw, writable, start, min(got, limit))
+
+
+def _direct_buffer(n: int) -> tuple[object, memoryview, int]:
+    """Memory for an ``O_DIRECT`` read of *n* bytes (a multiple of the page size): the object
+    that owns it, a writable view, and where in the view the page-aligned window starts.  From
+    2 MiB up a region backed by huge pages (docs/adr/0025), the view itself; below that a new
+    ``bytes`` object, not zeroed (mlfs.buffers)."""
+    writable = huge(n) if n >= HUGE_MIN else None
+    if writable is not None:
+        return writable, writable, 0
+    raw, writable, address = unfilled(n + PAGE)
+    return raw, writable, -address % PAGE
+
+
+def aligned_buffer(size: int) -> tuple[object, memoryview]:
+    """A writable, page-aligned buffer for ``O_DIRECT`` reads of up to *size* bytes (rounded up
+    to whole pages), taken as :func:`read_direct` takes its own: the object that owns the memory
+    (keep it while the view is in use) and the view."""
+    n = _round(size)
+    raw, writable, start = _direct_buffer(n)
+    return raw, writable[start:start + n]
+
+
+def _handed_out(raw, writable: memoryview, start: int, got: int) -> memoryview:
     if raw is writable:  # a pooled region: read-only from here on; the views keep it leased
-        return raw[:min(got, limit)].toreadonly()
+        return raw[:got].toreadonly()
+    writable.release()
     # A view of the bytes object itself, which keeps it alive (the writable view does not).
-    return memoryview(raw)[start:start + min(got, limit)]
+    return memoryview(raw)[start:start + got]
+
+
+def read_sealed(path: str | os.PathLike[str], size: int, seal_bytes: int, seed: int,
+                block: int) -> tuple[memoryview, bool | None, bytes | None]:
+    """A sealed chunk file read with ``O_DIRECT`` and checked in one call to the C data plane
+    (:mod:`mlfs.dataplane`, which must be built): up to *size* + *seal_bytes* + 1 bytes of it, and
+    whether the seal matched (None if the file was not *size* + *seal_bytes* long), with the
+    checksums of its *block*-sized pieces if it did and *block* > 0.  Raises OSError;
+    ``DirectIOUnsupported`` if the file system refuses ``O_DIRECT``."""
+    want = size + seal_bytes + 1
+    n = _round(want)
+    raw, writable, start = _direct_buffer(n)
+    try:
+        got, ok, sums = dataplane.read_sealed(os.fspath(path), writable[start:start + n], want,
+                                              size, seed, block)
+    except OSError as e:
+        if raw is not writable:
+            writable.release()
+        if e.errno == errno.EINVAL:
+            raise DirectIOUnsupported(str(e)) from None
+        raise
+    view = _handed_out(raw, writable, start, got)
+    return view, (ok if got == size + seal_bytes else None), sums
 
 
 def read_range(path: str | os.PathLike[str], offset: int, length: int, direct: bool) -> memoryview:

@@ -209,6 +209,13 @@ class ChunkSource:
         assert flight.data is not None
         return flight.data
 
+    @contextlib.asynccontextmanager
+    async def disk_slot(self):
+        """Hold one of the disk cache's background slots (a stream reading chunk files on its
+        own, mlfs.dataplane): a reader's own miss still finds one free."""
+        async with self._disk_background, self._disk_limiter:
+            yield
+
     async def _load(self, chunk_id: str, size: int | None, background: bool) -> bytes:
         async with self._disk_background if background else contextlib.nullcontext(), \
                 self._disk_limiter:

@@ -23,17 +23,19 @@ import mmap
 import os
 import time
 from bisect import bisect_right
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import pyfuse3
 import trio
 
+from . import dataplane, directio
+from .cache import BLOCK, SEAL
 from .client import STATS_XATTR
 from .errors import MlfsError
 from .fetch import ChunkSource
 from .manifest import FileEntry
-from .prefetch import LoadDetector, stream_order
+from .prefetch import WARM_RUN, WARM_START_RUN, LoadDetector, stream_order
 from .supervise import Supervisor
 from .tree import ROOT_INODE, Inodes, Node, Tree, chunk_slices
 
@@ -69,6 +71,13 @@ KEEP_PUSHED = os.environ.get("MLFS_KEEP_PUSHED") == "1"
 #: notify_store calls at once.  One thread spent 0.35-0.41 s of a 0.65 s warm stream of 555 MiB in
 #: them; two brought the stream to 0.55-0.63 s (docs/adr/0019).  Disk threads (4 or 8) did not matter.
 PUSH_THREADS = 2
+#: A stream of a file whose chunks are in the disk cache runs in C where mlfs._dataplane is built
+#: (docs/adr/0029): this many threads read, check and push, in calls of NATIVE_BATCH chunks (between
+#: calls the stream sees whether the file is still open and pushes the pages chunks share).
+NATIVE_THREADS = 3
+#: How often a read waiting for the C stream's checksums of a chunk looks again (seconds).
+NATIVE_POLL = 0.0005
+NATIVE_BATCH = 32
 
 
 def _guard(fn):
@@ -93,9 +102,18 @@ class _Stream:
     still in memory when the reader gets there (a stream running away from a warm reader pushed
     chunks out of the memory LRU before their turn, and they were read from disk twice)."""
 
-    __slots__ = ("pending", "pending_bytes", "moved", "asked")
+    __slots__ = ("pending", "pending_bytes", "moved", "asked", "native", "active", "shared",
+                 "sums", "buffers")
 
-    def __init__(self) -> None:
+    def __init__(self, native: bool = False) -> None:
+        self.native = native  # streamed by mlfs.dataplane
+        # The C stream's current call: chunk index → (job number, where its block checksums go,
+        # how many bytes of them); the memory it shares (Operations._native_part): three bytes
+        # per job, the block checksums, its read buffers.
+        self.active: dict[int, tuple[int, int, int]] = {}
+        self.shared = bytearray()
+        self.sums = bytearray()
+        self.buffers: list[memoryview] = []
         self.pending: dict[int, int] = {}  # chunk index → size
         self.pending_bytes = 0
         self.moved = trio.Event()
@@ -112,6 +130,25 @@ class _Stream:
         if i not in self.pending and i not in self.asked:
             self.pending[i] = size
             self.pending_bytes += size
+
+
+class _Ends:
+    """The bytes at the two ends of a chunk (those on the pages it shares with its neighbours), as
+    the C stream hands them back, sliced by offsets in the whole chunk (Operations._edge_pages)."""
+
+    __slots__ = ("size", "head", "tail")
+
+    def __init__(self, size: int, head: bytes, tail: bytes) -> None:
+        self.size, self.head, self.tail = size, head, tail
+
+    def __getitem__(self, s: slice) -> bytes:
+        a, b = s.start, s.stop
+        if b <= len(self.head):
+            return self.head[a:b]
+        t = self.size - len(self.tail)
+        if a >= t:
+            return self.tail[a - t:b - t]
+        raise IndexError(f"bytes {a}-{b} of a chunk of {self.size} are not at its ends")
 
 
 @dataclass(slots=True)
@@ -154,7 +191,11 @@ class Operations(pyfuse3.Operations):
         self.push = push and PUSH
         self._pusher = trio.CapacityLimiter(PUSH_THREADS)  # notify_store calls, in worker threads
         self.pushed_bytes = 0
+        self.native_bytes = 0  # streamed by the C data plane (mlfs.dataplane)
         self.push_seconds = 0.0  # time spent in notify_store
+        #: The session's /dev/fuse descriptor where pushes go straight to it (mlfs.dataplane);
+        #: None: through pyfuse3.notify_store.
+        self.fuse_fd: int | None = None
         self.loads_recognised = 0
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -288,6 +329,7 @@ class Operations(pyfuse3.Operations):
             {"id": None, "version": "catalog", "digest": None}
         return {**self.info, **current, **self.source.snapshot(), **self.supervisor.snapshot(),
                 "pushed_bytes": self.pushed_bytes, "push_seconds": round(self.push_seconds, 3),
+                "streamed_in_c": self.native_bytes,
                 "loads_recognised": self.loads_recognised,
                 "open_files": len(self.handles), "known_inodes": len(self.lookups),
                 "retired_inodes": len(self.retired)}
@@ -319,23 +361,35 @@ class Operations(pyfuse3.Operations):
         slices = chunk_slices(entry, off, size)
         if not slices:
             return b""
-        self._readahead(h, off, off + size)
+        stream = self._streams.get((entry.path, entry.blake3)) if self._streams else None
+        native: dict[int, bytes] = {}  # chunk → the bytes this read wants, from the C stream
+        # A stream in C brings the file faster than read-ahead would: none beside it.
+        ahead = stream is None or not stream.native
+        if ahead:
+            self._readahead(h, off, off + size)
         if entry.tensors:
             self._watch_load(h, off, off + size)
-            if self._streams:
-                stream = self._streams.get((entry.path, entry.blake3))
-                if stream is not None:
-                    for i, _, _ in slices:
-                        stream.consumed(i)
+            if stream is not None:
+                for i, _, _ in slices:
+                    stream.consumed(i)
+            if stream is not None and stream.active:
+                for i, a, b in slices:
+                    if i in stream.active:
+                        got = await self._native_part(stream, entry, i, a, b)
+                        if got is not None:
+                            native[i] = got
         # Pages the kernel let go of, in chunks this mount has read whole before, are read back
         # block by block (docs/adr/0026): then nothing is fetched ahead for them either.
         held = [self.source.peek(entry.chunk_ids[i]) for i, _, _ in slices]
         by_parts = [data is None and self._by_part(entry, i, a, b)
                     for data, (i, a, b) in zip(held, slices)]
-        if held[-1] is None and not by_parts[-1]:
+        if held[-1] is None and not by_parts[-1] and ahead:
             self._tensor_ahead(entry, off + size)
         parts = []
         for (i, a, b), data, by_part in zip(slices, held, by_parts):
+            if i in native:
+                parts.append(native[i])
+                continue
             cid = entry.chunk_ids[i]
             if data is None and by_part:
                 part = await self.source.get_part(cid, entry.chunk_sizes[i], a, b)
@@ -360,6 +414,38 @@ class Operations(pyfuse3.Operations):
             log.debug("read %s off=%d answered in %.1f ms", entry.path, off,
                       (time.perf_counter() - started) * 1e3)
         return out
+
+    async def _native_part(self, stream: _Stream, entry: FileEntry, i: int, a: int,
+                           b: int) -> bytes | None:
+        """Bytes ``[a, b)`` of chunk *i*, which the C stream's current call has, or None: then
+        the read gets them the usual way.
+
+        If no C thread has taken the chunk yet, the read claims it (and loads it; the stream
+        leaves it).  If one is reading it, the read waits until it is checked (a few ms), then
+        copies its bytes out of that thread's buffer: the thread's push of the chunk may be
+        waiting for this very read, as the kernel holds the pages of a read locked until it is
+        answered, and a second read of the chunk from disk would only slow the stream down.
+        Once the chunk is pushed, its block checksums answer reads of a few of its pages."""
+        pos, at, n = stream.active[i]
+        shared, sums, buffers = stream.shared, stream.sums, stream.buffers  # even if the call ends
+        while True:
+            state = dataplane.claim(shared, pos)
+            if state == dataplane.READING:
+                await trio.sleep(NATIVE_POLL)
+                continue
+            if state == dataplane.VERIFIED:
+                k = dataplane.pin(shared, pos)
+                if k < 0:
+                    continue  # pushed meanwhile
+                try:
+                    return bytes(buffers[k][a:b])
+                finally:
+                    dataplane.unpin(shared, pos)
+            if state in (dataplane.RELEASING, dataplane.DONE) and n:
+                cid = entry.chunk_ids[i]
+                if not self.source.cache.has_blocks(cid):
+                    self.source.cache.keep_block_sums(cid, bytes(sums[at:at + n]), store=False)
+            return None
 
     def _by_part(self, entry: FileEntry, i: int, a: int, b: int) -> bool:
         """Whether bytes ``[a, b)`` of chunk *i* are best read as blocks (ChunkSource.get_part):
@@ -439,7 +525,9 @@ class Operations(pyfuse3.Operations):
         key = (entry.path, entry.blake3)
         det = self._loads.get(key)
         if det is None:
-            det = self._loads[key] = LoadDetector(entry)
+            # A file in the disk cache is recognised sooner (mlfs.prefetch.WARM_RUN).
+            det = self._loads[key] = (LoadDetector(entry, run=WARM_RUN, start_run=WARM_START_RUN)
+                                      if self._mostly_cached(entry) else LoadDetector(entry))
             while len(self._loads) > TENSOR_INDEX_FILES:
                 self._loads.popitem(last=False)
         if det.observe(start, end) and self.nursery is not None:
@@ -473,7 +561,8 @@ class Operations(pyfuse3.Operations):
         half the memory budget of them ahead of the reader.  Stops when no handle has the file
         open any more."""
         key = (entry.path, entry.blake3)
-        stream = self._streams[key] = _Stream()
+        native = self._native(entry)
+        stream = self._streams[key] = _Stream(native)
         lead = max(self.source.memory_bytes // 2, STREAM_CONCURRENCY * max(entry.chunk_sizes))
         slots = trio.Semaphore(STREAM_CONCURRENCY)
         done = flying = 0
@@ -495,10 +584,12 @@ class Operations(pyfuse3.Operations):
 
         try:
             async with trio.open_nursery() as n:
-                for i in order:
+                async def take(i: int) -> bool:
+                    """Chunk *i*'s turn in the stream; False once every handle is closed."""
+                    nonlocal flying
                     cid, size = entry.chunk_ids[i], entry.chunk_sizes[i]
                     if self.source.in_flight(cid):
-                        continue  # a reader's miss: it gets the chunk from memory as it goes
+                        return True  # a reader's miss: it gets the chunk from memory as it goes
                     held = self.source.peek(cid)
                     if held is not None:
                         # Read in part already (a loader that first touches every tensor's head),
@@ -506,24 +597,142 @@ class Operations(pyfuse3.Operations):
                         # cache too, or its next fault may find it gone from memory.
                         if self.push:
                             await self._push(stream, inode, entry, i, held)
-                        continue
+                        return True
                     while (stream.pending_bytes + flying + size > lead
                            and self.opened.get(inode)):
                         stream.moved = trio.Event()
                         with trio.move_on_after(1.0):
                             await stream.moved.wait()
                     if not self.opened.get(inode):
-                        break  # every handle closed: the load is over
+                        return False  # every handle closed: the load is over
                     await slots.acquire()
                     flying += size
                     n.start_soon(one, i, cid, size)
+                    return True
+
+                if native:
+                    in_c = await self._stream_native(stream, inode, entry, order, take)
+                    done += in_c
+                else:
+                    for i in order:
+                        if not await take(i):
+                            break
         finally:
             if self._streams.get(key) is stream:
                 del self._streams[key]
             self.source.counters.streamed_bytes += done
             log.info("stream of %s: %d bytes brought in %.2fs (%.2fs of it pushing into the page "
-                     "cache)", entry.path, done, trio.current_time() - started,
-                     self.push_seconds - pushing)
+                     "cache%s)", entry.path, done, trio.current_time() - started,
+                     self.push_seconds - pushing, ", in C" if native else "")
+
+    def _native(self, entry: FileEntry) -> bool:
+        """Whether *entry* is streamed by the C data plane (mlfs.dataplane): built, pushing to
+        this session's /dev/fuse, a cache whose seals are trusted and read with O_DIRECT, and
+        most of the file in it."""
+        cache = self.source.cache
+        return (self.push and self.fuse_fd is not None and dataplane.NATIVE
+                and cache.trust_seals and cache.direct_reads and self._mostly_cached(entry))
+
+    async def _stream_native(self, stream: _Stream, inode: int, entry: FileEntry,
+                             order: list[int], take) -> int:
+        """Stream the chunks of *entry* in *order* from the disk cache into the page cache with
+        mlfs.dataplane.stream: the file read, checked and pushed by NATIVE_THREADS C threads
+        that hold no GIL, in calls of NATIVE_BATCH chunks (docs/adr/0029).  The pages chunks
+        share are put together here, as _pages does, and pushed with the next call.  Chunks in
+        memory or in flight when their turn comes, and those missing or damaged on disk
+        (ChunkSource.get deals with them), get their turn in the Python stream (*take*, an async
+        callable: False once the file is closed).  Returns the bytes streamed in C."""
+        cache, fd = self.source.cache, self.fuse_fd
+        buffers = [directio.aligned_buffer(max(entry.chunk_sizes) + SEAL + 1)
+                   for _ in range(NATIVE_THREADS)]
+        done = 0
+        edges: list[tuple[int, bytes]] = []
+
+        def run(jobs: list[tuple], ids: list[str], edges: list[tuple[int, bytes]],
+                shared: bytearray, sums: bytearray):
+            for offset, page in edges:  # the previous call's shared pages
+                try:
+                    dataplane.store(fd, inode, offset, page)
+                except OSError as e:
+                    log.debug("push of %s at %d: %s", entry.path, offset, e)
+            if not jobs:
+                return [], 0.0
+            results, seconds = dataplane.stream(fd, inode, jobs, [view for _, view in buffers],
+                                                directio.READ_PIECE, shared, sums)
+            for cid, job, (status, *_) in zip(ids, jobs, results):
+                if status == dataplane.OK:
+                    if job[3]:  # block checksums
+                        at = job[9]
+                        cache.keep_block_sums(cid, bytes(sums[at:at + (-(-job[1] // job[3])) * 8]))
+                    cache.touch(cid)
+            return results, seconds
+
+        todo = deque(order)
+        while todo:
+            if not self.opened.get(inode):
+                return done  # every handle closed: the load is over
+            batch, jobs, ids, active, at = [], [], [], {}, 0
+            while todo and len(batch) < NATIVE_BATCH:
+                i = todo.popleft()
+                cid = entry.chunk_ids[i]
+                if self.source.in_flight(cid) or self.source.peek(cid) is not None:
+                    if not await take(i):
+                        return done
+                    continue
+                job = self._job(entry, i, at)
+                n = -(-job[1] // job[3]) * 8 if job[3] else 0
+                active[i] = (len(jobs), at, n)
+                at += n
+                batch.append(i)
+                ids.append(cid)
+                jobs.append(job)
+            stream.active, stream.shared, stream.sums = active, bytearray(3 * len(jobs)), bytearray(at)
+            stream.buffers = [view for _, view in buffers]
+            try:
+                async with self.source.disk_slot():
+                    results, seconds = await trio.to_thread.run_sync(
+                        run, jobs, ids, edges, stream.shared, stream.sums)
+            finally:
+                stream.active = {}
+            edges = []
+            self.push_seconds += seconds
+            later = []
+            for i, (status, err, head, tail) in zip(batch, results):
+                size = entry.chunk_sizes[i]
+                if status == dataplane.OK:
+                    done += size
+                    self.native_bytes += size
+                    self.pushed_bytes += size
+                    self.source.counters.disk_hits += 1
+                    edges += self._edge_pages(entry, i, _Ends(size, head, tail))
+                elif status in (dataplane.MISSING, dataplane.DAMAGED, dataplane.TAKEN):
+                    # Damaged or gone: ChunkSource.get reads it again, removes a damaged one and
+                    # fetches it.  Taken by a read: in memory (or on its way), pushed from there.
+                    later.append(i)
+                else:  # the kernel forgot the inode, or the mount is going away
+                    log.debug("stream of %s stopped: push failed (%s)", entry.path,
+                              os.strerror(err) if err else "skipped")
+                    return done
+            for i in later:
+                if not await take(i):
+                    return done
+        if edges:
+            await trio.to_thread.run_sync(run, [], [], edges, bytearray(), bytearray())
+        return done
+
+    def _job(self, entry: FileEntry, i: int, sums_at: int) -> tuple:
+        """Chunk *i* of *entry* as a job for mlfs.dataplane.stream, its block checksums at
+        *sums_at* in the shared buffer."""
+        cid, size, off = entry.chunk_ids[i], entry.chunk_sizes[i], entry.offsets[i]
+        end = off + size
+        first = -(-off // PAGE) * PAGE
+        last = end if end == entry.size else end // PAGE * PAGE
+        push_from, push_to = (first - off, last - off) if first < last else (0, 0)
+        head = min(end, first) - off if off % PAGE else 0
+        tail_from = max(off, end // PAGE * PAGE) - off if end % PAGE and end < entry.size else size
+        block = BLOCK if size >= 4 * BLOCK else 0
+        return (str(self.source.cache.path(cid)), size, int(cid[:16], 16), block, off,
+                push_from, push_to, head, tail_from, sums_at)
 
     async def _push(self, stream: _Stream, inode: int, entry: FileEntry, i: int, data) -> None:
         """Store chunk *i* of *entry* in the kernel's page cache for *inode*.  In a worker thread:
@@ -534,10 +743,15 @@ class Operations(pyfuse3.Operations):
         if not pieces or not self.push:
             return
 
+        fd = self.fuse_fd
+
         def store() -> float:
             t = time.perf_counter()
             for offset, piece in pieces:
-                pyfuse3.notify_store(inode, offset, piece)
+                if fd is None:
+                    pyfuse3.notify_store(inode, offset, piece)
+                else:
+                    dataplane.store(fd, inode, offset, piece)
             return time.perf_counter() - t
         async with self._pusher:
             try:
@@ -566,6 +780,14 @@ class Operations(pyfuse3.Operations):
         out: list[tuple[int, object]] = []
         if first < last:
             out.append((first, view[first - off:last - off]))
+        return out + self._edge_pages(entry, i, view)
+
+    def _edge_pages(self, entry: FileEntry, i: int, view) -> list[tuple[int, bytes]]:
+        """The pages chunk *i* shares with its neighbours that can be put together now, as
+        ``(file offset, bytes)``; its part of the others is kept as a remnant (see _pages).
+        *view* is the chunk, or an _Ends of it."""
+        off, end = entry.offsets[i], entry.offsets[i] + entry.chunk_sizes[i]
+        out: list[tuple[int, bytes]] = []
         for page in {off // PAGE * PAGE if off % PAGE else -1,
                      end // PAGE * PAGE if end % PAGE and end < entry.size else -1} - {-1}:
             page_end = min(page + PAGE, entry.size)
@@ -588,7 +810,10 @@ class Operations(pyfuse3.Operations):
         parts = []
         kept = self._remnants.get((entry.blake3, begin), {})
         for j, a, b in chunk_slices(entry, begin, end - begin):
-            chunk = view if j == i else self.source.peek(entry.chunk_ids[j])
+            if j == i:
+                parts.append(view[a:b])
+                continue
+            chunk = self.source.peek(entry.chunk_ids[j])
             if chunk is not None:
                 parts.append(memoryview(chunk)[a:b])
             elif len(kept.get(j, b"")) == b - a:

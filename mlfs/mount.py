@@ -22,7 +22,7 @@ import time
 import pyfuse3
 import trio
 
-from . import config
+from . import config, dataplane
 from .cache import ChunkCache
 from .client import clean_runtime_dir, control_socket_path
 from .errors import MlfsError, MountError
@@ -178,6 +178,7 @@ def _serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts
     except RuntimeError as e:
         why = fuse_problem(opts.allow_other) or f"{e} (the lines above, from libfuse, say why)"
         raise MountError(f"cannot mount {mountpoint}: {why}") from None
+    ops.fuse_fd = dataplane.fuse_fd()  # pushes go straight to /dev/fuse where the C steps are built
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

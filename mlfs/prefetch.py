@@ -35,6 +35,11 @@ from .manifest import FileEntry
 LOAD_RUN = 4
 #: How many tensor starts in a row make one (a loader that makes every tensor before copying).
 START_RUN = 8
+#: The same for a file most of whose chunks are in the disk cache: streaming it costs a read of the
+#: local disk, not the network, so a false start is cheap, and a warm load is recognised 20-30 ms
+#: sooner (2 and 4 against 4 and 8: 0.016-0.028 s after open against 0.028-0.059 s, docs/adr/0029).
+WARM_RUN = 2
+WARM_START_RUN = 4
 #: How far apart (in places) two tensors finished one after the other may be.
 MAX_STEP = 2
 #: Tensors smaller than this are not counted (read-ahead could finish them as a side effect).

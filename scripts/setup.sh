@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 # nginx: the tests put a real HTTP server and cache in front of HTTP stores and `mlfs serve`.
-for pkg in fuse3 libfuse3-dev pkg-config nginx-light; do
+# libxxhash-dev: the header the C data plane (mlfs/_dataplane.c) is built with.
+for pkg in fuse3 libfuse3-dev pkg-config nginx-light libxxhash-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 command -v gcc >/dev/null 2>&1 || need+=(gcc)

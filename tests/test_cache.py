@@ -171,6 +171,7 @@ def test_refused_direct_reads_fall_back_to_buffered(tmp_path, monkeypatch):
         raise directio.DirectIOUnsupported(22, "O_DIRECT refused")
 
     monkeypatch.setattr(directio, "read_direct", refuse)
+    monkeypatch.setattr(directio, "read_sealed", lambda path, *a: refuse(path, 0))  # the C path
     assert bytes(c.get(cid, len(data))) == data and c.direct_reads is False
     assert c.corrupt == 0
 

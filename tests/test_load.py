@@ -171,3 +171,42 @@ def test_a_reader_of_a_few_tensors_fetches_them_and_their_edges_only(llm, mounte
     picked = sum(entry.tensors[k][1] - entry.tensors[k][0] for k in got)
     assert 0 < fetched <= sum(entry.chunk_sizes[i] for i in allowed), (fetched, picked)
     assert mnt.stats()["streamed_bytes"] == 0  # not mistaken for a load
+
+
+def test_a_warm_load_is_streamed_in_c_and_survives_damaged_and_missing_cache_files(
+        llm, mounter, tmp_path):
+    """A new mount over a cache that holds the model streams it with the C data plane
+    (mlfs.dataplane, docs/adr/0029): exact bytes, most of them pushed by C.  One chunk file in the
+    cache is damaged and another is gone: the stream hands both to the Python path, which removes
+    the damaged one and fetches both from the store again."""
+    from mlfs import dataplane
+    from mlfs.cache import ChunkCache
+    from mlfs.manifest import loads
+
+    assert dataplane.NATIVE, "mlfs._dataplane is not built (needs a compiler and libxxhash-dev)"
+    man, want = llm
+    cache = tmp_path / "c"
+    cold = mounter("--manifest", man, "--cache-dir", cache, name="cold")
+    p = subprocess.run([sys.executable, "-c", LOADER, str(cold.mountpoint / "model.safetensors")],
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0 and json.loads(p.stdout) == want, p.stderr
+    cold.close()
+    entry = next(f for f in loads(Path(man).read_bytes()).files if f.path == "model.safetensors")
+    big = [c for c, s in zip(entry.chunk_ids, entry.chunk_sizes) if s > 1 << 20]
+    c = ChunkCache(cache, 1 << 30)
+    damaged, gone = c.path(big[len(big) // 3]), c.path(big[2 * len(big) // 3])
+    raw = bytearray(damaged.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    gone.unlink()
+
+    warm = mounter("--manifest", man, "--cache-dir", cache, name="warm")
+    path = warm.mountpoint / "model.safetensors"
+    p = subprocess.run([sys.executable, "-c", LOADER, str(path)], capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == want
+    s = warm.stats()
+    assert s["streamed_in_c"] > path.stat().st_size / 2, s
+    assert s["corrupt_cache_files"] == 1 and s["chunks_fetched"] >= 2 and s["fetch_errors"] == 0
+    assert "in C" in warm.log.read_text()
