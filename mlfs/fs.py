@@ -186,6 +186,7 @@ class Operations(pyfuse3.Operations):
         # could not fill because the neighbouring chunk was not in memory.
         self._remnants: OrderedDict[tuple[str, int], dict[int, bytes]] = OrderedDict()
         self._streams: dict[tuple[str, str], _Stream] = {}  # loads being streamed
+        self._sums_loaded: OrderedDict[tuple[str, str], None] = OrderedDict()  # _load_sums
         #: Push streamed chunks into the kernel's page cache (only with a kernel session: the
         #: in-process tier has none).
         self.push = push and PUSH
@@ -346,7 +347,24 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         self.handles[fh] = Handle(inode, node.entry)
         self.opened[inode] = self.opened.get(inode, 0) + 1
+        self._load_sums(node.entry)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    def _load_sums(self, entry: FileEntry | None) -> None:
+        """Bring the stored block checksums of a model file's chunks into memory, once per file
+        and mount, in the background: its first reads of a few pages then read only their
+        blocks, not whole chunks (ChunkCache.load_block_sums)."""
+        if entry is None or not entry.tensors or self.nursery is None:
+            return
+        key = (entry.path, entry.blake3)
+        if key in self._sums_loaded:
+            return
+        self._sums_loaded[key] = None
+        while len(self._sums_loaded) > TENSOR_INDEX_FILES:
+            self._sums_loaded.popitem(last=False)
+        ids = list(entry.chunk_ids)
+        self.supervisor.start(f"block checksums of {entry.path}", lambda: trio.to_thread.run_sync(
+            self.source.cache.load_block_sums, ids))
 
     @_guard
     async def read(self, fh, off, size):
@@ -675,7 +693,8 @@ class Operations(pyfuse3.Operations):
             while todo and len(batch) < NATIVE_BATCH:
                 i = todo.popleft()
                 cid = entry.chunk_ids[i]
-                if self.source.in_flight(cid) or self.source.peek(cid) is not None:
+                if (self.source.in_flight(cid) or self.source.peek(cid) is not None
+                        or not cache.contains(cid)):  # not cached (a new version's): fetch it now
                     if not await take(i):
                         return done
                     continue
