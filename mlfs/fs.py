@@ -602,11 +602,13 @@ class Operations(pyfuse3.Operations):
 
         try:
             async with trio.open_nursery() as n:
-                async def take(i: int) -> bool:
-                    """Chunk *i*'s turn in the stream; False once every handle is closed."""
+                async def take(i: int, join: bool = False) -> bool:
+                    """Chunk *i*'s turn in the stream; False once every handle is closed.
+                    *join*: a chunk being fetched is waited for and pushed too (the C stream:
+                    there the fetch is a switch's fill, not a reader's own miss)."""
                     nonlocal flying
                     cid, size = entry.chunk_ids[i], entry.chunk_sizes[i]
-                    if self.source.in_flight(cid):
+                    if self.source.in_flight(cid) and not join:
                         return True  # a reader's miss: it gets the chunk from memory as it goes
                     held = self.source.peek(cid)
                     if held is not None:
@@ -666,8 +668,8 @@ class Operations(pyfuse3.Operations):
         done = 0
         edges: list[tuple[int, bytes]] = []
 
-        def run(jobs: list[tuple], ids: list[str], edges: list[tuple[int, bytes]],
-                shared: bytearray, sums: bytearray):
+        def run(jobs: list[tuple], ids: list[str], spans: list[tuple[int, int]],
+                edges: list[tuple[int, bytes]], shared: bytearray, sums: bytearray):
             for offset, page in edges:  # the previous call's shared pages
                 try:
                     dataplane.store(fd, inode, offset, page)
@@ -677,11 +679,10 @@ class Operations(pyfuse3.Operations):
                 return [], 0.0
             results, seconds = dataplane.stream(fd, inode, jobs, [view for _, view in buffers],
                                                 directio.READ_PIECE, shared, sums)
-            for cid, job, (status, *_) in zip(ids, jobs, results):
+            for cid, (at, n), (status, *_) in zip(ids, spans, results):
                 if status == dataplane.OK:
-                    if job[3]:  # block checksums
-                        at = job[9]
-                        cache.keep_block_sums(cid, bytes(sums[at:at + (-(-job[1] // job[3])) * 8]))
+                    if n:
+                        cache.keep_block_sums(cid, bytes(sums[at:at + n]))
                     cache.touch(cid)
             return results, seconds
 
@@ -689,28 +690,29 @@ class Operations(pyfuse3.Operations):
         while todo:
             if not self.opened.get(inode):
                 return done  # every handle closed: the load is over
-            batch, jobs, ids, active, at = [], [], [], {}, 0
+            batch, jobs, ids, spans, active, at = [], [], [], [], {}, 0
             while todo and len(batch) < NATIVE_BATCH:
                 i = todo.popleft()
                 cid = entry.chunk_ids[i]
                 if (self.source.in_flight(cid) or self.source.peek(cid) is not None
                         or not cache.contains(cid)):  # not cached (a new version's): fetch it now
-                    if not await take(i):
+                    if not await take(i, join=True):
                         return done
                     continue
                 job = self._job(entry, i, at)
-                n = -(-job[1] // job[3]) * 8 if job[3] else 0
+                n = -(-job[1] // job[3]) * 8 if job[3] else 0  # bytes of block checksums
                 active[i] = (len(jobs), at, n)
-                at += n
                 batch.append(i)
                 ids.append(cid)
+                spans.append((at, n))
                 jobs.append(job)
+                at += n
             stream.active, stream.shared, stream.sums = active, bytearray(3 * len(jobs)), bytearray(at)
             stream.buffers = [view for _, view in buffers]
             try:
                 async with self.source.disk_slot():
                     results, seconds = await trio.to_thread.run_sync(
-                        run, jobs, ids, edges, stream.shared, stream.sums)
+                        run, jobs, ids, spans, edges, stream.shared, stream.sums)
             finally:
                 stream.active = {}
             edges = []
@@ -733,10 +735,10 @@ class Operations(pyfuse3.Operations):
                               os.strerror(err) if err else "skipped")
                     return done
             for i in later:
-                if not await take(i):
+                if not await take(i, join=True):
                     return done
         if edges:
-            await trio.to_thread.run_sync(run, [], [], edges, bytearray(), bytearray())
+            await trio.to_thread.run_sync(run, [], [], [], edges, bytearray(), bytearray())
         return done
 
     def _job(self, entry: FileEntry, i: int, sums_at: int) -> tuple:
