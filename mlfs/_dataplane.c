@@ -367,7 +367,7 @@ static PyObject *stream(PyObject *self, PyObject *args)
 {
     int fd;
     unsigned long long inode;
-    PyObject *job_list, *buf_list, *results = NULL;
+    PyObject *job_list, *buf_list, *results = NULL, *out = NULL;
     Py_ssize_t piece;
     Py_buffer progress, sums;
     if (!PyArg_ParseTuple(args, "iKO!O!nw*w*", &fd, &inode, &PyList_Type, &job_list, &PyList_Type,
@@ -455,9 +455,7 @@ static PyObject *stream(PyObject *self, PyObject *args)
     pthread_mutex_destroy(&r.lock);
 
     results = PyList_New(njobs);
-    if (results == NULL)
-        goto fail;
-    for (i = 0; i < njobs; i++) {
+    for (i = 0; results != NULL && i < njobs; i++) {
         struct job *j = &jobs[i];
         PyObject *item;
         if (j->status == OK)
@@ -465,30 +463,26 @@ static PyObject *stream(PyObject *self, PyObject *args)
                                  j->edges + j->head, j->size - j->tail_from);
         else
             item = Py_BuildValue("iiyy", j->status, j->err, "", "");
-        if (item == NULL) {
+        if (item == NULL)
             Py_CLEAR(results);
-            goto fail;
-        }
-        PyList_SET_ITEM(results, i, item);
+        else
+            PyList_SET_ITEM(results, i, item);
     }
-    for (i = 0; i < held; i++)
-        PyBuffer_Release(&bufs[i]);
-    PyMem_RawFree(bufs);
-    free_jobs(jobs, njobs);
-    PyBuffer_Release(&progress);
-    PyBuffer_Release(&sums);
-    return Py_BuildValue("Nd", results, r.push_seconds);
+    if (results != NULL)
+        out = Py_BuildValue("Nd", results, r.push_seconds);
+    goto done;
 
 nomem:
     PyErr_NoMemory();
 fail:
+done:
     for (i = 0; i < held; i++)
         PyBuffer_Release(&bufs[i]);
     PyMem_RawFree(bufs);
     free_jobs(jobs, njobs);
     PyBuffer_Release(&progress);
     PyBuffer_Release(&sums);
-    return NULL;
+    return out;
 }
 
 /* The shared bytes of job *i*, or NULL (an exception set). */

@@ -626,12 +626,16 @@ class Operations(pyfuse3.Operations):
                     if not self.opened.get(inode):
                         return False  # every handle closed: the load is over
                     await slots.acquire()
+                    if not self.opened.get(inode):  # closed while this waited for a slot
+                        slots.release()
+                        return False
                     flying += size
                     n.start_soon(one, i, cid, size)
                     return True
 
                 if native:
-                    in_c = await self._stream_native(stream, inode, entry, order, take)
+                    in_c = await self._stream_native(
+                        stream, inode, entry, order, lambda i: n.start_soon(take, i, True))
                     done += in_c
                 else:
                     for i in order:
@@ -654,14 +658,15 @@ class Operations(pyfuse3.Operations):
                 and cache.trust_seals and cache.direct_reads and self._mostly_cached(entry))
 
     async def _stream_native(self, stream: _Stream, inode: int, entry: FileEntry,
-                             order: list[int], take) -> int:
+                             order: list[int], python) -> int:
         """Stream the chunks of *entry* in *order* from the disk cache into the page cache with
         mlfs.dataplane.stream: the file read, checked and pushed by NATIVE_THREADS C threads
         that hold no GIL, in calls of NATIVE_BATCH chunks (docs/adr/0029).  The pages chunks
         share are put together here, as _pages does, and pushed with the next call.  Chunks in
-        memory or in flight when their turn comes, and those missing or damaged on disk
-        (ChunkSource.get deals with them), get their turn in the Python stream (*take*, an async
-        callable: False once the file is closed).  Returns the bytes streamed in C."""
+        memory or in flight when their turn comes, not in the disk cache (a new version's), or
+        damaged or missing on disk (ChunkSource.get deals with them) are handed to the Python
+        stream (*python*: starts a task for the chunk with that index), which fetches them
+        beside this one instead of holding it up.  Returns the bytes streamed in C."""
         cache, fd = self.source.cache, self.fuse_fd
         buffers = [directio.aligned_buffer(max(entry.chunk_sizes) + SEAL + 1)
                    for _ in range(NATIVE_THREADS)]
@@ -696,8 +701,7 @@ class Operations(pyfuse3.Operations):
                 cid = entry.chunk_ids[i]
                 if (self.source.in_flight(cid) or self.source.peek(cid) is not None
                         or not cache.contains(cid)):  # not cached (a new version's): fetch it now
-                    if not await take(i, join=True):
-                        return done
+                    python(i)
                     continue
                 job = self._job(entry, i, at)
                 n = -(-job[1] // job[3]) * 8 if job[3] else 0  # bytes of block checksums
@@ -717,7 +721,6 @@ class Operations(pyfuse3.Operations):
                 stream.active = {}
             edges = []
             self.push_seconds += seconds
-            later = []
             for i, (status, err, head, tail) in zip(batch, results):
                 size = entry.chunk_sizes[i]
                 if status == dataplane.OK:
@@ -729,13 +732,10 @@ class Operations(pyfuse3.Operations):
                 elif status in (dataplane.MISSING, dataplane.DAMAGED, dataplane.TAKEN):
                     # Damaged or gone: ChunkSource.get reads it again, removes a damaged one and
                     # fetches it.  Taken by a read: in memory (or on its way), pushed from there.
-                    later.append(i)
+                    python(i)
                 else:  # the kernel forgot the inode, or the mount is going away
                     log.debug("stream of %s stopped: push failed (%s)", entry.path,
                               os.strerror(err) if err else "skipped")
-                    return done
-            for i in later:
-                if not await take(i, join=True):
                     return done
         if edges:
             await trio.to_thread.run_sync(run, [], [], [], edges, bytearray(), bytearray())
