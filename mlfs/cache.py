@@ -437,6 +437,7 @@ class ChunkCache:
             self.write_errors += 1
             tmp.unlink(missing_ok=True)
             return False
+        sums = self._block_sums(chunk_id, data) if len(data) >= 4 * BLOCK else None
         db = self._db()
         victims: list[str] = []
         try:
@@ -460,8 +461,7 @@ class ChunkCache:
                 final.parent.mkdir(mode=0o755, exist_ok=True)
                 os.replace(tmp, final)
                 db.execute("INSERT INTO chunks (id, size, atime, blocks) VALUES (?, ?, ?, ?)",
-                           [chunk_id, size, time.time(),
-                            self._block_sums(chunk_id, data) if len(data) >= 4 * BLOCK else None])
+                           [chunk_id, size, time.time(), sums])
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")

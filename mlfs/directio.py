@@ -145,7 +145,7 @@ def read_direct(path: str | os.PathLike[str], limit: int, offset: int = 0) -> me
     finally:
         if raw is not writable:
             writable.release()
-    return _handed_out(raw, writable, start, min(got, limit))
+    return _handed_out(raw, start, min(got, limit))
 
 
 def _direct_buffer(n: int) -> tuple[object, memoryview, int]:
@@ -169,10 +169,11 @@ def aligned_buffer(size: int) -> tuple[object, memoryview]:
     return raw, writable[start:start + n]
 
 
-def _handed_out(raw, writable: memoryview, start: int, got: int) -> memoryview:
-    if raw is writable:  # a pooled region: read-only from here on; the views keep it leased
+def _handed_out(raw, start: int, got: int) -> memoryview:
+    """The *got* bytes read into *raw* (from _direct_buffer, its writable view released), as
+    the read-only view handed out."""
+    if isinstance(raw, memoryview):  # a pooled region: read-only from here; views keep it leased
         return raw[:got].toreadonly()
-    writable.release()
     # A view of the bytes object itself, which keeps it alive (the writable view does not).
     return memoryview(raw)[start:start + got]
 
@@ -191,13 +192,13 @@ def read_sealed(path: str | os.PathLike[str], size: int, seal_bytes: int, seed: 
         got, ok, sums = dataplane.read_sealed(os.fspath(path), writable[start:start + n], want,
                                               size, seed, block)
     except OSError as e:
-        if raw is not writable:
-            writable.release()
         if e.errno == errno.EINVAL:
             raise DirectIOUnsupported(str(e)) from None
         raise
-    view = _handed_out(raw, writable, start, got)
-    return view, (ok if got == size + seal_bytes else None), sums
+    finally:
+        if raw is not writable:
+            writable.release()
+    return _handed_out(raw, start, got), (ok if got == size + seal_bytes else None), sums
 
 
 def read_range(path: str | os.PathLike[str], offset: int, length: int, direct: bool) -> memoryview:
