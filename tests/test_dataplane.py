@@ -13,9 +13,6 @@ from conftest import require
 from mlfs import dataplane, directio
 from mlfs.cache import BLOCK, SEAL, ChunkCache
 
-pytestmark = pytest.mark.skipif(not dataplane.NATIVE and not os.environ.get("CI"),
-                                reason="mlfs._dataplane is not built")
-
 
 def chunk(size: int, seed: int) -> tuple[str, bytes]:
     data = (bytes([seed]) + os.urandom(31)) * (size // 32 + 1)
@@ -25,7 +22,7 @@ def chunk(size: int, seed: int) -> tuple[str, bytes]:
 
 @pytest.fixture
 def cache(tmp_path) -> ChunkCache:
-    assert dataplane.NATIVE, "mlfs._dataplane is not built (needs a compiler and libxxhash-dev)"
+    require(dataplane.NATIVE, "mlfs._dataplane is not built (needs a compiler and libxxhash-dev)")
     c = ChunkCache(tmp_path / "cache", 256 << 20)
     require(c.direct_reads and c.trust_seals, "no O_DIRECT or a shared cache directory here")
     return c

@@ -183,7 +183,7 @@ def test_a_warm_load_is_streamed_in_c_and_survives_damaged_and_missing_cache_fil
     from mlfs.cache import ChunkCache
     from mlfs.manifest import loads
 
-    assert dataplane.NATIVE, "mlfs._dataplane is not built (needs a compiler and libxxhash-dev)"
+    require(dataplane.NATIVE, "mlfs._dataplane is not built (needs a compiler and libxxhash-dev)")
     man, want = llm
     cache = tmp_path / "c"
     cold = mounter("--manifest", man, "--cache-dir", cache, name="cold")
