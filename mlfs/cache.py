@@ -280,9 +280,7 @@ class ChunkCache:
                 data, ok, sums = directio.read_sealed(
                     path, size, SEAL, int(chunk_id[:16], 16), BLOCK if size >= 4 * BLOCK else 0)
             except directio.DirectIOUnsupported:
-                log.info("cache %s: O_DIRECT reads refused; reading through the page cache",
-                         self.root)
-                self.direct_reads = False
+                self._refuse_direct_reads()
             else:
                 if ok is None:  # not a sealed file of this size: the checks below say what it is
                     return self._check(chunk_id, size, data, len(data))
@@ -295,9 +293,7 @@ class ChunkCache:
             try:
                 view = directio.read_direct(path, want)
             except directio.DirectIOUnsupported:
-                log.info("cache %s: O_DIRECT reads refused; reading through the page cache",
-                         self.root)
-                self.direct_reads = False
+                self._refuse_direct_reads()
         if not self.direct_reads:
             with open(path, "rb", buffering=0) as f:
                 raw = f.read(want)  # a fresh bytes object filled by read(2): no zeroing, no copy
@@ -308,6 +304,10 @@ class ChunkCache:
                     raw += more
             view = memoryview(raw)
         return self._check(chunk_id, size, view, len(view))
+
+    def _refuse_direct_reads(self) -> None:
+        log.info("cache %s: O_DIRECT reads refused; reading through the page cache", self.root)
+        self.direct_reads = False
 
     def _check(self, chunk_id: str, size: int, view, got: int) -> memoryview | None:
         data = view[:size]

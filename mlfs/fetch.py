@@ -217,8 +217,7 @@ class ChunkSource:
             yield
 
     async def _load(self, chunk_id: str, size: int | None, background: bool) -> bytes:
-        async with self._disk_background if background else contextlib.nullcontext(), \
-                self._disk_limiter:
+        async with self.disk_slot() if background else self._disk_limiter:
             data = await trio.to_thread.run_sync(self._cache_get, chunk_id, size)
         if data is not None:
             self.counters.disk_hits += 1

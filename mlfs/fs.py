@@ -553,13 +553,15 @@ class Operations(pyfuse3.Operations):
                 log.info("load of %s recognised, but it is over half the cache: not streamed",
                          entry.path)
                 return
-            heads_first = det.by_starts and not self._mostly_cached(entry)
+            cached = self._mostly_cached(entry)
+            heads_first = det.by_starts and not cached
             log.info("load of %s recognised (%s order%s): streaming the rest of it", entry.path,
                      det.order, ", tensor heads first" if heads_first else "")
             self.loads_recognised += 1
             order = stream_order(entry, det.order, heads_first=heads_first)
+            native = self._native(cached)
             self.supervisor.start(f"stream of {entry.path}",
-                                  lambda: self._stream(h.inode, entry, order))
+                                  lambda: self._stream(h.inode, entry, order, native))
 
     def _mostly_cached(self, entry: FileEntry, sample: int = 16) -> bool:
         """Whether most of *entry*'s chunks are in the disk cache (judged on a sample of them).
@@ -570,7 +572,8 @@ class Operations(pyfuse3.Operations):
         picks = range(0, n, max(1, n // sample))
         return 2 * sum(self.source.cache.contains(entry.chunk_ids[i]) for i in picks) > len(picks)
 
-    async def _stream(self, inode: int, entry: FileEntry, order: list[int]) -> None:
+    async def _stream(self, inode: int, entry: FileEntry, order: list[int],
+                      native: bool = False) -> None:
         """Bring the chunks of *entry* into memory (and the disk cache) in *order* — the order the
         loader goes in — at most ``STREAM_CONCURRENCY`` at a time, as background work (a reader's
         own miss is never queued behind it).  Each chunk no read has asked for yet is pushed into
@@ -579,7 +582,6 @@ class Operations(pyfuse3.Operations):
         half the memory budget of them ahead of the reader.  Stops when no handle has the file
         open any more."""
         key = (entry.path, entry.blake3)
-        native = self._native(entry)
         stream = self._streams[key] = _Stream(native)
         lead = max(self.source.memory_bytes // 2, STREAM_CONCURRENCY * max(entry.chunk_sizes))
         slots = trio.Semaphore(STREAM_CONCURRENCY)
@@ -649,13 +651,13 @@ class Operations(pyfuse3.Operations):
                      "cache%s)", entry.path, done, trio.current_time() - started,
                      self.push_seconds - pushing, ", in C" if native else "")
 
-    def _native(self, entry: FileEntry) -> bool:
-        """Whether *entry* is streamed by the C data plane (mlfs.dataplane): built, pushing to
+    def _native(self, cached: bool) -> bool:
+        """Whether a file is streamed by the C data plane (mlfs.dataplane): built, pushing to
         this session's /dev/fuse, a cache whose seals are trusted and read with O_DIRECT, and
-        most of the file in it."""
+        most of the file in it (*cached*: _mostly_cached)."""
         cache = self.source.cache
-        return (self.push and self.fuse_fd is not None and dataplane.NATIVE
-                and cache.trust_seals and cache.direct_reads and self._mostly_cached(entry))
+        return (cached and self.push and self.fuse_fd is not None and dataplane.NATIVE
+                and cache.trust_seals and cache.direct_reads)
 
     async def _stream_native(self, stream: _Stream, inode: int, entry: FileEntry,
                              order: list[int], python) -> int:
@@ -711,7 +713,8 @@ class Operations(pyfuse3.Operations):
                 spans.append((at, n))
                 jobs.append(job)
                 at += n
-            stream.active, stream.shared, stream.sums = active, bytearray(3 * len(jobs)), bytearray(at)
+            stream.active, stream.sums = active, bytearray(at)
+            stream.shared = bytearray(3 * len(jobs))  # each job's state, buffer and pins
             stream.buffers = [view for _, view in buffers]
             try:
                 async with self.source.disk_slot():
