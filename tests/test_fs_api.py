@@ -459,10 +459,11 @@ def test_a_pushed_chunk_leaves_memory_once_the_disk_cache_has_it(model, tmp_path
 
 
 def test_a_few_pages_of_a_chunk_read_before_come_back_block_by_block(model, tmp_path):
-    """Pages the kernel let go of (docs/adr/0026): a small read of a chunk that this mount read
-    whole before, and that has left memory since, is answered from its blocks in the disk cache,
-    byte for byte, without loading the chunk whole; a damaged block sends it the whole way (the
-    seal then finds the damage and the chunk is fetched again)."""
+    """Pages the kernel let go of (docs/adr/0026): a small read of a chunk that this mount
+    fetched (its block checksums computed at admission) or read whole before, and that has left
+    memory since, is answered from its blocks in the disk cache, byte for byte, without loading
+    the chunk whole; a damaged block sends it the whole way (the seal then finds the damage and
+    the chunk is fetched again)."""
     store, m, blob = model
     ops, source, _ = make_ops(store, m, tmp_path, memory_bytes=1 << 20)  # a chunk cannot stay
     f = next(f for f in m.files if f.path == "blob.bin")
@@ -474,12 +475,17 @@ def test_a_few_pages_of_a_chunk_read_before_come_back_block_by_block(model, tmp_
         assert bytes(await ops.read(fh, 0, PIECE)) == blob[:PIECE]  # fetched, then read whole
         await until(lambda: source.cache.contains(first))
         source._forget(first)
+        disk = source.counters.disk_hits
+        assert bytes(await ops.read(fh, 0, 4096)) == blob[:4096]  # sums known since admission
+        assert source.cache.part_reads == 1 and source.counters.disk_hits == disk
+        source.cache._blocks.clear()  # as a new mount before the index has them
         assert bytes(await ops.read(fh, 0, 4096)) == blob[:4096]  # whole from disk: sums known
+        assert source.counters.disk_hits == disk + 1
         source._forget(first)
         disk = source.counters.disk_hits
         for off, size in ((5, 4096), (131072 - 100, 300), (PIECE - 8192, 8192), (777777, 65536)):
             assert bytes(await ops.read(fh, off, size)) == blob[off:off + size], (off, size)
-        assert source.cache.part_reads == 4 and source.counters.disk_hits == disk
+        assert source.cache.part_reads == 5 and source.counters.disk_hits == disk
         assert source.peek(first) is None  # nothing kept in memory for them
 
         raw = bytearray(source.cache.path(first).read_bytes())
@@ -488,7 +494,7 @@ def test_a_few_pages_of_a_chunk_read_before_come_back_block_by_block(model, tmp_
         gets = store.gets.get(first, 0)
         assert bytes(await ops.read(fh, 299000, 4096)) == blob[299000:303096]
         assert store.gets[first] == gets + 1 and source.cache.corrupt == 1
-        assert source.cache.part_reads == 4
+        assert source.cache.part_reads == 5
         await ops.release(fh)
     run(go)
 
@@ -520,15 +526,15 @@ def test_small_block_reads_run_on_the_event_loop_until_one_is_slow(model, tmp_pa
         assert bytes(await ops.read(fh, 0, PIECE)) == blob[:PIECE]
         await until(lambda: source.cache.contains(first))
         source._forget(first)
-        assert bytes(await ops.read(fh, 0, 4096)) == blob[:4096]  # whole from disk: sums known
+        assert bytes(await ops.read(fh, 0, 4096)) == blob[:4096]  # blocks: sums from admission
         source._forget(first)
         assert bytes(await ops.read(fh, 8192, 4096)) == blob[8192:12288]
-        assert threads == [loop_thread]
+        assert threads == [loop_thread, loop_thread]
         monkeypatch.setattr(fetch, "INLINE_SLOW", 0.0)  # every read is now "slow"
         assert bytes(await ops.read(fh, 20480, 4096)) == blob[20480:24576]  # inline, then back off
         assert bytes(await ops.read(fh, 40960, 4096)) == blob[40960:45056]
-        assert threads[:2] == [loop_thread, loop_thread] and threads[2] != loop_thread
-        assert source.cache.part_reads == 3
+        assert threads[:3] == [loop_thread] * 3 and threads[3] != loop_thread
+        assert source.cache.part_reads == 4
         await ops.release(fh)
     run(go)
 
@@ -542,10 +548,15 @@ def test_blocks_are_remembered_only_where_seals_are_trusted(tmp_path):
     cid = blake3.blake3(data).hexdigest()
     cache = ChunkCache(tmp_path / "cache", 1 << 30)
     assert cache.put(cid, data)
-    assert cache.get_part(cid, len(data), 0, 10) is None  # never read whole: nothing known
+    assert bytes(cache.get_part(cid, len(data), 0, 10)) == data[:10]  # computed at admission
+    cache._blocks.clear()
+    assert cache.get_part(cid, len(data), 0, 10) is None  # forgotten, not read whole since
     assert bytes(cache.get(cid, len(data))) == data
     assert bytes(cache.get_part(cid, len(data), 262140, 262150)) == data[262140:262150]
     cache.trust_seals = False
     cache._blocks.clear()
     assert bytes(cache.get(cid, len(data))) == data
     assert not cache.has_blocks(cid) and cache.get_part(cid, len(data), 0, 10) is None
+    data2 = os.urandom(PIECE)
+    cid2 = blake3.blake3(data2).hexdigest()
+    assert cache.put(cid2, data2) and not cache.has_blocks(cid2)
