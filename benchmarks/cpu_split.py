@@ -12,6 +12,14 @@ every figure per round and its median, CPU in seconds, so a change to the daemon
 daemon's row without the loader's ±0.3 s of interpreter start (load_bench.py reports the sums as
 ratios).  ``MLFS_*`` variables in the environment reach the mount (A/B switches such as
 ``MLFS_KEEP_PUSHED=1``).  Needs root.
+
+Floors, in the same rounds: ``curl`` GETting the raw file once to ``/dev/null`` (the socket's
+receive alone, one connection) and once to a file (receive plus the page-cache write that
+s5cmd's download also does); the mount's fixed start (its command, and its daemon once mounted,
+before any read); and the daemon's work that s5cmd does not do at all, timed on the chunks of
+the model in this process (blake3 over every chunk, decoding the compressed ones).  A data plane
+with no overhead of its own would need about: receive + page-cache write (the pushes) + that
+work + the fixed start (docs/adr/0030).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,12 +83,22 @@ def main() -> None:
             lb.add(rows, "loader, local file (after s5cmd)", lb.run_py(lb.LOAD_FILE, dl)[1])
             lb.add(rows, "interpreter + torch import only",
                    lb.run_py("import torch, safetensors.torch; print(0)")[1])
+            for name, out in (("curl GET -> /dev/null (receive only)", "/dev/null"),
+                              ("curl GET -> file (receive + page cache)", str(work / "curl.out"))):
+                drop_caches()
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                subprocess.run(["curl", "-sf", "-o", out, f"{endpoint}/bench/raw/model.safetensors"],
+                               check=True)
+                lb.add(rows, name, child_cpu(before))
+            (work / "curl.out").unlink(missing_ok=True)
             shutil.rmtree(work / "cache", ignore_errors=True)
             drop_caches()
             m = lb.Mount(work / "mnt", work / "cache", "--store", store, "--id", "llm",
                          "--version", "v1", *args.mount_args, env=env)
             try:
                 lb.add(rows, "mlfs mount command", m.start_cpu)
+                time.sleep(1.0)
+                lb.add(rows, "mlfs daemon, mounted, before any read", m.cpu())
                 reader = lb.run_py(lb.LOAD_FILE, m.mnt / "model.safetensors")[1]
                 lb.add(rows, "mlfs daemon", m.cpu())
                 lb.add(rows, "loader, through the mount", reader)
@@ -92,11 +111,36 @@ def main() -> None:
         ml = sum(statistics.median(rows[k]) for k in ("mlfs mount command", "mlfs daemon",
                                                       "loader, through the mount"))
         print(f"mlfs (command + daemon + loader) / (s5cmd + loader): {ml / s5:.3f}")
+        extra = own_work(path, store, env)
+        print(f"blake3 of every chunk, decoding of the compressed ones (this process): {extra:.3f}")
+        med = {k: statistics.median(v) for k, v in rows.items()}
+        floor = (med["curl GET -> file (receive + page cache)"] + extra
+                 + med["mlfs mount command"] + med["mlfs daemon, mounted, before any read"])
+        print(f"a daemon with no overhead of its own would need ~{floor:.3f} s against s5cmd's "
+              f"{med['s5cmd download']:.3f} s; (that + loader) / (s5cmd + loader): "
+              f"{(floor + med['loader, through the mount']) / s5:.3f}")
     finally:
         if server is not None:
             server.terminate()
         link.down()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def own_work(path: Path, store: str, env) -> float:
+    """CPU seconds, in a fresh interpreter, to check every chunk of the stored model with blake3
+    and to decode those stored compressed: work the mount does and s5cmd does not."""
+    code = ("import sys, time, blake3; from mlfs.stores import open_store; from mlfs import codec\n"
+            "from mlfs import manifest as mf\n"
+            "s = open_store(sys.argv[1]); m = s.load_manifest('llm', 'v1')\n"
+            "f = next(f for f in m.files if f.path == 'model.safetensors')\n"
+            "bodies = [(c, n, s.get_chunk(c)) for c, n in zip(f.chunk_ids, f.chunk_sizes)]\n"
+            "t = time.process_time()\n"
+            "for c, n, b in bodies:\n"
+            "    assert codec.verified(c, b, n, 1 << 26) is not None\n"
+            "print(time.process_time() - t)")
+    out = subprocess.run([lb.PY, "-c", code, store], env=env, check=True, capture_output=True,
+                         text=True).stdout
+    return float(out.split()[-1])
 
 
 if __name__ == "__main__":

@@ -114,8 +114,10 @@ class ChunkCache:
         self._atimes_flushed = time.monotonic()
         # Block checksums of chunks read whole and checked, newest last (get_part).
         self._blocks: OrderedDict[str, bytes] = OrderedDict()
+        self._sums_indexed: set[str] = set()  # of those, the ones the index holds (or will)
         self._blocks_lock = threading.Lock()
-        self._new_sums: dict[str, bytes | None] = {}  # for the index, with the atimes (None: wrong)
+        self._new_sums: dict[str, bytes] = {}  # for the index, with the atimes
+        self._wrong_sums: set[str] = set()  # stored ones found wrong: cleared with the atimes
         self.part_reads = 0  # reads answered from a few blocks of a chunk file
         try:
             # What the cache creates only its user can write, whatever the umask (seals, ADR 0009).
@@ -230,18 +232,20 @@ class ChunkCache:
         with self._atimes_lock:
             batch, self._atimes = self._atimes, {}
             sums, self._new_sums = self._new_sums, {}
+            wrong, self._wrong_sums = self._wrong_sums, set()
             self._atimes_flushed = time.monotonic()
-        if not batch and not sums:
+        if not batch and not sums and not wrong:
             return
         db = self._db()
         try:
             db.execute("BEGIN")
             db.executemany("UPDATE chunks SET atime = ? WHERE id = ?",
                            [(t, cid) for cid, t in batch.items()])
+            # Wrong ones first: a chunk whose stored checksums failed and that was then read
+            # whole in the same batch gets the new ones.
+            db.executemany("UPDATE chunks SET blocks = NULL WHERE id = ?", [(c,) for c in wrong])
             db.executemany("UPDATE chunks SET blocks = ? WHERE id = ? AND blocks IS NULL",
-                           [(b, cid) for cid, b in sums.items() if b is not None])
-            db.executemany("UPDATE chunks SET blocks = NULL WHERE id = ?",
-                           [(cid,) for cid, b in sums.items() if b is None])
+                           [(b, cid) for cid, b in sums.items()])
             db.execute("COMMIT")
         except sqlite3.Error as e:
             log.debug("cache: last-access times not written: %s", e)
@@ -341,18 +345,23 @@ class ChunkCache:
             return
         self.keep_block_sums(chunk_id, self._block_sums(chunk_id, data))
 
-    def keep_block_sums(self, chunk_id: str, sums: bytes, store: bool = True) -> None:
+    def keep_block_sums(self, chunk_id: str, sums: bytes, store: bool = True,
+                        indexed: bool = False) -> None:
         """Remember *chunk_id*'s block checksums (from a read whole that matched its seal); with
         *store*, write them to the index too if it has none (a chunk cached by an older mlfs),
-        with the next batch of last-access times."""
-        if store:
-            with self._atimes_lock:
-                self._new_sums[chunk_id] = sums
+        with the next batch of last-access times — unless the index is known to hold these
+        (*indexed*: they were just read from it, or written with the chunk's row)."""
         with self._blocks_lock:
+            known = chunk_id in self._sums_indexed and self._blocks.get(chunk_id) == sums
             self._blocks[chunk_id] = sums
             self._blocks.move_to_end(chunk_id)
+            if indexed or store:
+                self._sums_indexed.add(chunk_id)
             while len(self._blocks) > BLOCK_TABLES:
-                self._blocks.popitem(last=False)
+                self._sums_indexed.discard(self._blocks.popitem(last=False)[0])
+        if store and not known:
+            with self._atimes_lock:
+                self._new_sums[chunk_id] = sums
 
     def load_block_sums(self, chunk_ids: list[str]) -> int:
         """Bring the stored block checksums of *chunk_ids* (those not remembered yet) from the
@@ -370,7 +379,7 @@ class ChunkCache:
                                   f"AND id IN ({','.join('?' * len(part))})", part).fetchall()
                 for cid, size, sums in rows:
                     if len(sums) == -(-(size - SEAL) // BLOCK) * 8:
-                        self.keep_block_sums(cid, bytes(sums), store=False)
+                        self.keep_block_sums(cid, bytes(sums), store=False, indexed=True)
                         found += 1
         except sqlite3.Error as e:
             log.debug("cache: block checksums not read: %s", e)
@@ -403,8 +412,10 @@ class ChunkCache:
             if xxhash.xxh3_64_digest(raw[a:a + BLOCK], seed=seed ^ k) != sums[8 * k:8 * k + 8]:
                 with self._blocks_lock:
                     self._blocks.pop(chunk_id, None)
+                    self._sums_indexed.discard(chunk_id)
                 with self._atimes_lock:  # the stored ones are wrong, or the file is: not again
-                    self._new_sums[chunk_id] = None
+                    self._new_sums.pop(chunk_id, None)
+                    self._wrong_sums.add(chunk_id)
                 return None
         self.part_reads += 1
         self.touch(chunk_id, flush)
@@ -473,12 +484,13 @@ class ChunkCache:
         if sums is not None and self.trust_seals:
             # Computed here from verified bytes: a page of this chunk the kernel lets go of is
             # read back as a block, not as the whole chunk (in a cold load, 4 MiB per 4 KiB page).
-            self.keep_block_sums(chunk_id, sums, store=False)
+            self.keep_block_sums(chunk_id, sums, store=False, indexed=True)
         return True
 
     def _remove(self, chunk_id: str) -> None:
         with self._blocks_lock:
             self._blocks.pop(chunk_id, None)
+            self._sums_indexed.discard(chunk_id)
         self.path(chunk_id).unlink(missing_ok=True)
         try:
             self._db().execute("DELETE FROM chunks WHERE id = ?", [chunk_id])

@@ -118,3 +118,25 @@ def test_block_checksums_stored_with_a_chunk_serve_a_new_process_s_part_reads(ca
     third.flush_atimes()
     assert db.execute("SELECT blocks FROM chunks WHERE id = ?", [cid]).fetchone()[0] is None
     assert bytes(third.get(cid, len(data))) == data
+
+
+def test_wrong_stored_checksums_are_replaced_by_a_whole_read_in_the_same_batch(cache, tmp_path):
+    """A part read that finds the stored checksums wrong clears them; a whole read of the chunk
+    before the next flush computes the right ones: the index gets those (the clearing used to
+    be overwritten by them and skipped, leaving the wrong ones stored).  A whole read of a chunk
+    whose checksums the index already holds queues nothing."""
+    cid, data = chunk(4 << 20, 11)
+    assert cache.put(cid, data)
+    db = cache._db()
+    right = db.execute("SELECT blocks FROM chunks WHERE id = ?", [cid]).fetchone()[0]
+    assert right is not None
+    assert bytes(cache.get(cid, len(data))) == data  # whole: the index has these already
+    assert cache._new_sums == {} and cache._wrong_sums == set()
+    db.execute("UPDATE chunks SET blocks = ? WHERE id = ?", [bytes(len(right)), cid])
+    other = ChunkCache(tmp_path / "cache", 256 << 20)
+    assert other.load_block_sums([cid]) == 1
+    assert other.get_part(cid, len(data), 5000, 9000) is None  # wrong: cleared, not used again
+    assert bytes(other.get(cid, len(data))) == data
+    other.flush_atimes()
+    assert db.execute("SELECT blocks FROM chunks WHERE id = ?", [cid]).fetchone()[0] == right
+    assert bytes(other.get_part(cid, len(data), 5000, 9000)) == data[5000:9000]
