@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import dataplane, directio
+from . import config, dataplane, directio
 from .cache import BLOCK, SEAL
 from .client import STATS_XATTR
 from .errors import MlfsError
@@ -78,6 +78,10 @@ NATIVE_THREADS = 3
 #: How often a read waiting for the C stream's checksums of a chunk looks again (seconds).
 NATIVE_POLL = 0.0005
 NATIVE_BATCH = 32
+#: Files with a larger chunk are streamed in Python: the C threads' buffers are sized for the
+#: largest chunk and are not in the memory budget (a manifest may name chunks of up to
+#: config.MAX_CHUNK_SIZE; mlfs generate makes them of about config.PIECE_SIZE).
+NATIVE_MAX_CHUNK = 4 * config.PIECE_SIZE
 
 
 def _guard(fn):
@@ -565,7 +569,7 @@ class Operations(pyfuse3.Operations):
                      det.order, ", tensor heads first" if heads_first else "")
             self.loads_recognised += 1
             order = stream_order(entry, det.order, heads_first=heads_first)
-            native = self._native(cached)
+            native = self._native(cached, entry)
             self.supervisor.start(f"stream of {entry.path}",
                                   lambda: self._stream(h.inode, entry, order, native))
 
@@ -657,13 +661,15 @@ class Operations(pyfuse3.Operations):
                      "cache%s)", entry.path, done, trio.current_time() - started,
                      self.push_seconds - pushing, ", in C" if native else "")
 
-    def _native(self, cached: bool) -> bool:
+    def _native(self, cached: bool, entry: FileEntry) -> bool:
         """Whether a file is streamed by the C data plane (mlfs.dataplane): built, pushing to
-        this session's /dev/fuse, a cache whose seals are trusted and read with O_DIRECT, and
-        most of the file in it (*cached*: _mostly_cached)."""
+        this session's /dev/fuse, a cache whose seals are trusted and read with O_DIRECT, most
+        of the file in it (*cached*: _mostly_cached), and chunks of at most NATIVE_MAX_CHUNK (the
+        C threads hold a buffer of the largest each, outside the memory budget)."""
         cache = self.source.cache
         return (cached and self.push and self.fuse_fd is not None and dataplane.NATIVE
-                and cache.trust_seals and cache.direct_reads)
+                and cache.trust_seals and cache.direct_reads
+                and max(entry.chunk_sizes, default=0) <= NATIVE_MAX_CHUNK)
 
     async def _stream_native(self, stream: _Stream, inode: int, entry: FileEntry,
                              order: list[int], python) -> int:

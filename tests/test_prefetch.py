@@ -386,3 +386,27 @@ def test_a_head_toucher_gets_every_head_first_then_the_rest(model, tmp_path, mon
     heads = {max(i for i, o in enumerate(f.offsets) if o <= b) for b, _, _ in f.tensors.values()}
     assert set(seq[:len(heads)]) == heads
     assert warm_order == "file" and not warm_heads_first and warm_seq == sorted(warm_seq)
+
+
+def test_a_file_with_a_chunk_larger_than_native_max_chunk_is_streamed_in_python(model, tmp_path):
+    """The C stream's threads each hold a buffer as large as the file's largest chunk, outside
+    the memory budget; a manifest may name chunks of up to 64 MiB, so such files stream in
+    Python, within the budget (docs/adr/0029)."""
+    from dataclasses import replace
+
+    from conftest import require
+    from mlfs import dataplane, fs
+
+    require(dataplane.NATIVE, "mlfs._dataplane is not built")
+    store, m, _ = model
+    f = next(f for f in m.files if f.path == "model.safetensors")
+    source = ChunkSource(store, ChunkCache(tmp_path / "cache", 1 << 30))
+    require(source.cache.trust_seals and source.cache.direct_reads, "no O_DIRECT here")
+    ops = Operations(Tree.of(m, Inodes()), source, {}, inodes=None, supervisor=Supervisor())
+    ops.fuse_fd, ops.push = 99, True  # as a kernel session would have them
+    assert ops._native(True, f) and not ops._native(False, f)
+    sizes = list(f.chunk_sizes)
+    sizes[-1] = fs.NATIVE_MAX_CHUNK + 1
+    assert not ops._native(True, replace(f, chunk_sizes=sizes, offsets=[]))
+    sizes[-1] = fs.NATIVE_MAX_CHUNK
+    assert ops._native(True, replace(f, chunk_sizes=sizes, offsets=[]))
