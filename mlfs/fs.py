@@ -845,7 +845,7 @@ class Operations(pyfuse3.Operations):
         neighbour (see _pages), or None.  A loader that touches a tensor's head before the stream
         has brought the tensor before it asks for exactly such a page: its part in the chunk
         the stream pushed and let go of is here, and a read of the whole chunk from the disk
-        (76 of them in a cold load of the benchmark's model) is not needed."""
+        (68-126 of them in a cold load of the benchmark's model) is not needed."""
         off = entry.offsets[i]
         page = (off + a) // PAGE * PAGE
         if off + b > page + PAGE:
