@@ -17,7 +17,8 @@ Floors, in the same rounds: ``curl`` GETting the raw file once to ``/dev/null`` 
 receive alone, one connection) and once to a file (receive plus the page-cache write that
 s5cmd's download also does); the mount's fixed start (its command, and its daemon once mounted,
 before any read); and the daemon's work that s5cmd does not do at all, timed on the chunks of
-the model in this process (blake3 over every chunk, decoding the compressed ones).  A data plane
+the model in one thread of a fresh interpreter (blake3 over every chunk, decoding the
+compressed ones).  A data plane
 with no overhead of its own would need about: receive + page-cache write (the pushes) + that
 work + the fixed start (docs/adr/0030).
 """
@@ -111,8 +112,8 @@ def main() -> None:
         ml = sum(statistics.median(rows[k]) for k in ("mlfs mount command", "mlfs daemon",
                                                       "loader, through the mount"))
         print(f"mlfs (command + daemon + loader) / (s5cmd + loader): {ml / s5:.3f}")
-        extra = own_work(path, store, env)
-        print(f"blake3 of every chunk, decoding of the compressed ones (this process): {extra:.3f}")
+        extra = own_work(store, env)
+        print(f"blake3 of every chunk, decoding of the compressed ones (one thread): {extra:.3f}")
         med = {k: statistics.median(v) for k, v in rows.items()}
         floor = (med["curl GET -> file (receive + page cache)"] + extra
                  + med["mlfs mount command"] + med["mlfs daemon, mounted, before any read"])
@@ -126,11 +127,10 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def own_work(path: Path, store: str, env) -> float:
+def own_work(store: str, env) -> float:
     """CPU seconds, in a fresh interpreter, to check every chunk of the stored model with blake3
     and to decode those stored compressed: work the mount does and s5cmd does not."""
-    code = ("import sys, time, blake3; from mlfs.stores import open_store; from mlfs import codec\n"
-            "from mlfs import manifest as mf\n"
+    code = ("import sys, time; from mlfs.stores import open_store; from mlfs import codec\n"
             "s = open_store(sys.argv[1]); m = s.load_manifest('llm', 'v1')\n"
             "f = next(f for f in m.files if f.path == 'model.safetensors')\n"
             "bodies = [(c, n, s.get_chunk(c)) for c, n in zip(f.chunk_ids, f.chunk_sizes)]\n"
