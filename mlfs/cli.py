@@ -249,19 +249,24 @@ def diff(manifest_a, manifest_b, store_url, endpoint_url, as_json):
 
 
 @main.command()
-@click.argument("manifest", required=False)
-@click.argument("dest_dir", type=click.Path(file_okay=False))
+# One or two: click fills optional positionals first, so with [MANIFEST] DEST_DIR declared as two
+# arguments ``export --id X --version V DEST`` would take DEST for the manifest.
+@click.argument("paths", nargs=-1, required=True, metavar="[MANIFEST] DEST_DIR")
 @_manifest_args
 @click.option("--force", is_flag=True, help="Write into a non-empty DEST_DIR, replacing files.")
-def export(manifest, dest_dir, store_url, endpoint_url, model_id, version, force):
+def export(paths, store_url, endpoint_url, model_id, version, force):
     """Rebuild a manifest's files byte-exact into DEST_DIR (no FUSE needed).
 
-    The files are built and verified beside DEST_DIR and moved in only when all are complete: a
-    failure leaves DEST_DIR as it was."""
+    MANIFEST is a file, or ID@VERSION with --store; leave it out to name the version with --id
+    and --version.  The files are built and verified beside DEST_DIR and moved in only when all
+    are complete: a failure leaves DEST_DIR as it was."""
     from .export import export as run
     from .report import human
     from .resolve import resolve
 
+    if len(paths) > 2:
+        raise click.UsageError("export takes [MANIFEST] DEST_DIR: at most two arguments")
+    manifest, dest_dir = (None, paths[0]) if len(paths) == 1 else paths
     m, store = resolve(manifest, store_url, model_id=model_id, version=version,
                        endpoint_url=endpoint_url)
     if store is None:

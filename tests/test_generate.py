@@ -93,6 +93,12 @@ def test_round_trip_real_minilm_via_cli(store_url, minilm_dir, tmp_path):
     # export by store reference, not by file
     run_mlfs("export", "minilm@v1", tmp_path / "out", "--store", store_url)
     same_tree(minilm_dir, tmp_path / "out")
+    # ... and by --id and --version, DEST_DIR the only argument (it was taken for the manifest)
+    run_mlfs("export", "--store", store_url, "--id", "minilm", "--version", "v1", tmp_path / "by-id")
+    same_tree(minilm_dir, tmp_path / "by-id")
+    p = run_mlfs("export", "minilm@v1", tmp_path / "a", tmp_path / "b", "--store", store_url,
+                 check=False)
+    assert p.returncode == 2 and "at most two arguments" in p.stderr
     info = json.loads(run_mlfs("inspect", "--json", tmp_path / "m.json").stdout)
     st = next(f for f in info["files"] if f["path"] == "model.safetensors")
     assert st["tensors"] == 104 and st["chunks"] < 104  # small tensors do not cost a request each
