@@ -12,6 +12,9 @@ expects.
 from __future__ import annotations
 
 import ctypes
+import os
+
+from . import config
 
 _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
 _new_bytes.restype = ctypes.py_object
@@ -33,6 +36,38 @@ def unfilled(n: int) -> tuple[bytes, memoryview, int]:
     return obj, memoryview((ctypes.c_char * n).from_address(address)).cast("B"), address
 
 
+#: malloc arenas (heaps) a process's threads share; see reuse_freed_memory.
+MALLOC_ARENAS = 2
+
+
+def reuse_freed_memory() -> None:
+    """Let malloc hand freed chunk buffers out again instead of mapping fresh memory each time.
+
+    glibc serves blocks above its mmap threshold with a new mapping, and every 4 KiB page of a new
+    mapping is a page fault and a zeroed page: measured here, 0.3 s of kernel CPU per GiB of chunks
+    loaded (docs/adr/0008).  A fixed threshold above the largest chunk (64 MiB) keeps chunk buffers in
+    malloc's heaps, and a 128 MiB trim threshold stops the heap from being handed back and faulted
+    in again between chunks.
+
+    Every heap keeps up to that much freed, though, and glibc gives threads heaps (arenas) of
+    their own, up to 8 per core: a ``--memory 64M`` mount loading a model ten times its cache
+    peaked at ~300 MiB RSS.  Two arenas (unless ``MALLOC_ARENA_MAX`` says otherwise) measured
+    ~180 MiB (docs/adr/0018).  No-op where mallopt is missing (not glibc).
+
+    For every process that fetches and decodes chunks: the mount's daemon, ``mlfs export`` and
+    ``mlfs serve``.  Without it, ``mlfs export`` of a 555 MiB model faulted in ~650 MiB of fresh
+    pages to verify and decode it (docs/adr/0031).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return
+    mallopt(-3, config.MAX_CHUNK_SIZE)  # M_MMAP_THRESHOLD
+    mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
+
+
 # -- huge-page regions for O_DIRECT reads (docs/adr/0025) ------------------------------------------
 #
 # An O_DIRECT read goes to the disk in requests of at most 254 segments here (virtio's
@@ -50,7 +85,6 @@ def unfilled(n: int) -> tuple[bytes, memoryview, int]:
 # that load; a mount now faults a few in (:func:`prefault`) while the loader is still starting.
 
 import mmap as _mmap
-import os
 import threading as _threading
 
 HUGE = 2 << 20

@@ -271,6 +271,9 @@ def export(paths, store_url, endpoint_url, model_id, version, force):
                        endpoint_url=endpoint_url)
     if store is None:
         raise click.UsageError("the manifest names no store: pass --store")
+    from .buffers import reuse_freed_memory
+
+    reuse_freed_memory()  # decoded chunks: 4 MiB buffers again and again (docs/adr/0031)
     bar, update = _progress(m.logical_size, f"export {m.ref}")
     with bar:
         n = run(m, store, dest_dir, progress=update, force=force)
@@ -672,11 +675,13 @@ def serve_cmd(store_url, endpoint_url, listen, cache_dir, cache_size, memory, tt
     mount http://HOST:PORT, or put nginx/Varnish/a CDN in front)."""
     from pathlib import Path
 
+    from .buffers import reuse_freed_memory
     from .cache import ChunkCache
     from .fetch import ChunkSource
     from .serve import EdgeApp, run
 
     _setup_logging(False, None)
+    reuse_freed_memory()  # it fetches and decodes chunks as the mount does (docs/adr/0031)
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise click.BadParameter(f"{listen!r} is not HOST:PORT", param_hint="--listen")

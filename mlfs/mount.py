@@ -12,7 +12,6 @@ Nothing but a signal or an unmount ends a mount: every task beside the FUSE loop
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -22,7 +21,7 @@ import time
 import pyfuse3
 import trio
 
-from . import config, dataplane
+from . import buffers, config, dataplane
 from .cache import ChunkCache
 from .client import clean_runtime_dir, control_socket_path
 from .errors import MlfsError, MountError
@@ -39,34 +38,6 @@ log = logging.getLogger("mlfs.mount")
 
 #: FUSE's async request window (best-effort, root only).
 MAX_BACKGROUND = 64
-
-
-#: malloc arenas (heaps) the daemon's threads share; see _reuse_freed_memory.
-MALLOC_ARENAS = 2
-
-
-def _reuse_freed_memory() -> None:
-    """Let malloc hand freed chunk buffers out again instead of mapping fresh memory each time.
-
-    glibc serves blocks above its mmap threshold with a new mapping, and every 4 KiB page of a new
-    mapping is a page fault and a zeroed page: measured here, 0.3 s of kernel CPU per GiB of chunks
-    loaded (docs/adr/0008).  A fixed threshold above the largest chunk (64 MiB) keeps chunk buffers in
-    malloc's heaps, and a 128 MiB trim threshold stops the heap from being handed back and faulted
-    in again between chunks.
-
-    Every heap keeps up to that much freed, though, and glibc gives threads heaps (arenas) of
-    their own, up to 8 per core: a ``--memory 64M`` mount loading a model ten times its cache
-    peaked at ~300 MiB RSS.  Two arenas (unless ``MALLOC_ARENA_MAX`` says otherwise) measured
-    ~180 MiB (docs/adr/0018).  No-op where mallopt is missing (not glibc).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
-        return
-    mallopt(-3, config.MAX_CHUNK_SIZE)  # M_MMAP_THRESHOLD
-    mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
 
 
 def _tune_kernel(mountpoint: str, read_ahead_kb: int) -> dict:
@@ -126,7 +97,7 @@ def _serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts
         warning = check_before_mount(manifest, store, mountpoint, opts)
         if warning:
             log.warning("%s", warning)
-    _reuse_freed_memory()
+    buffers.reuse_freed_memory()
     stale = clean_runtime_dir()
     if stale:
         log.info("removed %d files left by dead processes: %s", len(stale), ", ".join(stale))
