@@ -20,7 +20,10 @@ before any read); and the daemon's work that s5cmd does not do at all, timed on 
 the model in one thread of a fresh interpreter (blake3 over every chunk, decoding the
 compressed ones).  A data plane
 with no overhead of its own would need about: receive + page-cache write (the pushes) + that
-work + the fixed start (docs/adr/0030).
+work + the fixed start (docs/adr/0030).  The same floor measured as one piece: the model's
+chunks fetched, checked, decoded and written into the page cache by 8 plain threads of a fresh
+interpreter (:func:`plain_work`; docs/adr/0031); the daemon's CPU beyond that and its fixed
+start is what FUSE, trio and the disk cache cost.
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ def main() -> None:
                                check=True)
                 lb.add(rows, name, child_cpu(before))
             (work / "curl.out").unlink(missing_ok=True)
+            drop_caches()
+            lb.add(rows, "plain threads: GET, verify, decode, write", plain_work(store, env, work))
             shutil.rmtree(work / "cache", ignore_errors=True)
             drop_caches()
             m = lb.Mount(work / "mnt", work / "cache", "--store", store, "--id", "llm",
@@ -120,11 +125,46 @@ def main() -> None:
         print(f"a daemon with no overhead of its own would need ~{floor:.3f} s against s5cmd's "
               f"{med['s5cmd download']:.3f} s; (that + loader) / (s5cmd + loader): "
               f"{(floor + med['loader, through the mount']) / s5:.3f}")
+        plain = (med["plain threads: GET, verify, decode, write"] + med["mlfs mount command"]
+                 + med["mlfs daemon, mounted, before any read"])
+        print(f"the same work in plain threads, plus the mount's start: ~{plain:.3f} s; "
+              f"(that + loader) / (s5cmd + loader): "
+              f"{(plain + med['loader, through the mount']) / s5:.3f}; the daemon's own overhead "
+              f"(FUSE, trio, the disk cache) ~{med['mlfs daemon'] + med['mlfs mount command'] - plain:.3f} s")
     finally:
         if server is not None:
             server.terminate()
         link.down()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def plain_work(store: str, env, work: Path) -> float:
+    """CPU seconds, in a fresh interpreter with the daemon's malloc settings, to do a cold load's
+    data work without FUSE, trio or the disk cache: GET every chunk of the model (8 threads, the
+    mount's direct path), check and decode it, and write it at its offset into a file (the page
+    cache, as the mount's pushes fill it).  The interpreter's start and imports are not counted."""
+    code = ("import os, sys, resource; from concurrent.futures import ThreadPoolExecutor\n"
+            "from mlfs.stores import open_store; from mlfs.buffers import reuse_freed_memory\n"
+            "reuse_freed_memory()\n"
+            "s = open_store(sys.argv[1]); m = s.load_manifest('llm', 'v1')\n"
+            "f = next(f for f in m.files if f.path == 'model.safetensors')\n"
+            "fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)\n"
+            "def one(job):\n"
+            "    c, n, off = job\n"
+            "    os.pwrite(fd, s.get_chunk_verified(c, n), off)\n"
+            "def cpu():\n"
+            "    r = resource.getrusage(resource.RUSAGE_SELF); return r.ru_utime + r.ru_stime\n"
+            "c0 = cpu()\n"
+            "with ThreadPoolExecutor(8) as pool:\n"
+            "    list(pool.map(one, zip(f.chunk_ids, f.chunk_sizes, f.offsets)))\n"
+            "print(cpu() - c0)")
+    out = work / "plain.out"
+    try:
+        res = subprocess.run([lb.PY, "-c", code, store, str(out)], env=env, check=True,
+                             capture_output=True, text=True).stdout
+    finally:
+        out.unlink(missing_ok=True)
+    return float(res.split()[-1])
 
 
 def own_work(store: str, env) -> float:
