@@ -68,6 +68,10 @@ PART_READS = os.environ.get("MLFS_PART_READS", "1") != "0"
 #: A pushed chunk leaves the memory LRU once the disk cache has it (ChunkSource.drop_pushed,
 #: docs/adr/0024) unless ``MLFS_KEEP_PUSHED=1`` (for comparisons).
 KEEP_PUSHED = os.environ.get("MLFS_KEEP_PUSHED") == "1"
+#: Chunks that read-ahead brought (the rest of a tensor a reader is deep in, sequential
+#: read-ahead) are pushed into the page cache too, unless ``MLFS_PUSH_AHEAD=0`` (for
+#: comparisons): the reader's next faults in them are then no round trips (docs/adr/0031).
+PUSH_AHEAD = os.environ.get("MLFS_PUSH_AHEAD", "1") != "0"
 #: notify_store calls at once.  One thread spent 0.35-0.41 s of a 0.65 s warm stream of 555 MiB in
 #: them; two brought the stream to 0.55-0.63 s (docs/adr/0019).  Disk threads (4 or 8) did not matter.
 PUSH_THREADS = 2
@@ -190,6 +194,8 @@ class Operations(pyfuse3.Operations):
         # could not fill because the neighbouring chunk was not in memory.
         self._remnants: OrderedDict[tuple[str, int], dict[int, bytes]] = OrderedDict()
         self._streams: dict[tuple[str, str], _Stream] = {}  # loads being streamed
+        # Chunks read-ahead pushed into the page cache, per open file: a stream passes them by.
+        self._pushed_ahead: dict[tuple[str, str], set[int]] = {}
         self._sums_loaded: OrderedDict[tuple[str, str], None] = OrderedDict()  # _load_sums
         #: Push streamed chunks into the kernel's page cache (only with a kernel session: the
         #: in-process tier has none).
@@ -248,7 +254,7 @@ class Operations(pyfuse3.Operations):
             if ino in new.nodes:  # back in the tree (switched back): no longer retired
                 del self.retired[ino]
         live = {(f.path, f.blake3) for f in new.files}
-        for index in (self._tensor_index, self._loads):
+        for index in (self._tensor_index, self._loads, self._pushed_ahead):
             for key in [k for k in index if k not in live]:
                 del index[key]
 
@@ -406,7 +412,7 @@ class Operations(pyfuse3.Operations):
         by_parts = [data is None and self._by_part(entry, i, a, b)
                     for data, (i, a, b) in zip(held, slices)]
         if held[-1] is None and not by_parts[-1] and ahead:
-            self._tensor_ahead(entry, off + size)
+            self._tensor_ahead(entry, off + size, h.inode)
         parts = []
         for (i, a, b), data, by_part in zip(slices, held, by_parts):
             if i in native:
@@ -510,7 +516,7 @@ class Operations(pyfuse3.Operations):
                 target = min(target, span[1] if end - span[0] > SPILL else end)
         if target <= h.ahead_until:
             return
-        self._schedule(h.entry, max(end, h.ahead_until), target)
+        self._schedule(h.entry, max(end, h.ahead_until), target, h.inode)
         h.ahead_until = target
 
     def _tensor_span(self, entry: FileEntry, pos: int) -> tuple[int, int] | None:
@@ -530,7 +536,7 @@ class Operations(pyfuse3.Operations):
             return None
         return begins[i], ends[i]
 
-    def _tensor_ahead(self, entry: FileEntry, start: int) -> None:
+    def _tensor_ahead(self, entry: FileEntry, start: int, inode: int | None = None) -> None:
         """A read that misses inside a tensor starts fetching the rest of that tensor at once.
 
         Loaders read a tensor whole, but through mmap the kernel asks for it one fault (one
@@ -544,7 +550,7 @@ class Operations(pyfuse3.Operations):
         span = self._tensor_span(entry, start - 1)
         if span is None or span[1] <= start or start - span[0] <= SPILL:
             return
-        self._schedule(entry, start, min(span[1], start + READAHEAD_MAX))
+        self._schedule(entry, start, min(span[1], start + READAHEAD_MAX), inode)
 
     def _watch_load(self, h: Handle, start: int, end: int) -> None:
         """Feed the file's load detector (mlfs.prefetch); once it recognises a whole-model load,
@@ -593,6 +599,7 @@ class Operations(pyfuse3.Operations):
         open any more."""
         key = (entry.path, entry.blake3)
         stream = self._streams[key] = _Stream(native)
+        ahead = self._pushed_ahead.get(key, set())  # read-ahead adds none once the stream runs
         lead = max(self.source.memory_bytes // 2, STREAM_CONCURRENCY * max(entry.chunk_sizes))
         slots = trio.Semaphore(STREAM_CONCURRENCY)
         done = flying = 0
@@ -620,6 +627,8 @@ class Operations(pyfuse3.Operations):
                     there the fetch is a switch's fill, not a reader's own miss)."""
                     nonlocal flying
                     cid, size = entry.chunk_ids[i], entry.chunk_sizes[i]
+                    if i in ahead:
+                        return True  # read-ahead pushed it into the page cache already
                     if self.source.in_flight(cid) and not join:
                         return True  # a reader's miss: it gets the chunk from memory as it goes
                     held = self.source.peek(cid)
@@ -647,7 +656,8 @@ class Operations(pyfuse3.Operations):
 
                 if native:
                     in_c = await self._stream_native(
-                        stream, inode, entry, order, lambda i: n.start_soon(take, i, True))
+                        stream, inode, entry, [i for i in order if i not in ahead],
+                        lambda i: n.start_soon(take, i, True))
                     done += in_c
                 else:
                     for i in order:
@@ -770,14 +780,16 @@ class Operations(pyfuse3.Operations):
         return (str(self.source.cache.path(cid)), size, int(cid[:16], 16), block, off,
                 push_from, push_to, head, tail_from, sums_at)
 
-    async def _push(self, stream: _Stream, inode: int, entry: FileEntry, i: int, data) -> None:
+    async def _push(self, stream: _Stream | None, inode: int, entry: FileEntry, i: int,
+                    data) -> bool:
         """Store chunk *i* of *entry* in the kernel's page cache for *inode*.  In a worker thread:
         the kernel may be holding some of those pages locked for a read only the event loop can
         answer.  A pushed chunk no longer counts against the stream's lead (the page cache holds
-        it, and the reader's faults will not ask this process for it)."""
+        it, and the reader's faults will not ask this process for it).  *stream* is None for a
+        chunk read-ahead brought.  True if it was pushed."""
         pieces = self._pages(entry, i, data)
         if not pieces or not self.push:
-            return
+            return False
 
         fd = self.fuse_fd
 
@@ -794,11 +806,13 @@ class Operations(pyfuse3.Operations):
                 self.push_seconds += await trio.to_thread.run_sync(store)
             except OSError as e:  # the kernel forgot the inode, or the mount is going away
                 log.debug("push of %s at %d: %s", entry.path, entry.offsets[i], e)
-                return
+                return False
         self.pushed_bytes += len(data)
-        stream.consumed(i)
+        if stream is not None:
+            stream.consumed(i)
         if not KEEP_PUSHED:
             self.source.drop_pushed(entry.chunk_ids[i])
+        return True
 
     def _pages(self, entry: FileEntry, i: int, data) -> list[tuple[int, object]]:
         """What to push for chunk *i* (bytes *data*): ``(file offset, bytes)`` pieces made of whole
@@ -877,15 +891,27 @@ class Operations(pyfuse3.Operations):
                 return None
         return b"".join(parts)
 
-    def _schedule(self, entry: FileEntry, begin: int, end: int) -> None:
+    def _schedule(self, entry: FileEntry, begin: int, end: int, inode: int | None = None) -> None:
+        """Load the chunks of ``[begin, end)`` of *entry* in the background; with *inode*, push
+        each into the page cache once it is in memory."""
         for i, _, _ in chunk_slices(entry, begin, end - begin):
             cid = entry.chunk_ids[i]
             if self.source.peek(cid) is None and not self.source.in_flight(cid):
-                self.nursery.start_soon(self._prefetch, cid, entry.chunk_sizes[i])
+                self.nursery.start_soon(self._prefetch, cid, entry.chunk_sizes[i], inode, entry, i)
 
-    async def _prefetch(self, cid: str, size: int) -> None:
+    async def _prefetch(self, cid: str, size: int, inode: int | None = None,
+                        entry: FileEntry | None = None, i: int = -1) -> None:
         try:
-            await self.source.get(cid, size)
+            data = await self.source.get(cid, size)
+            # Read-ahead brings chunks the reader is about to fault on (the rest of the tensor it
+            # is deep in): in the page cache its faults are no round trips (docs/adr/0031).  Not
+            # once the file is closed, nor where a stream of the file pushes already.
+            key = (entry.path, entry.blake3) if entry is not None else None
+            if (inode is not None and PUSH_AHEAD and self.push and self.opened.get(inode)
+                    and key not in self._streams
+                    and i not in self._pushed_ahead.get(key, ())):
+                if await self._push(None, inode, entry, i, data) and self.opened.get(inode):
+                    self._pushed_ahead.setdefault(key, set()).add(i)
         except MlfsError as e:
             # The read that needs the chunk will try again and report it; not a background error.
             log.warning("read-ahead of chunk %s failed: %s", cid[:16], e)
@@ -903,6 +929,7 @@ class Operations(pyfuse3.Operations):
                 # The next load of the file (a restarted server, another process) is a load of its
                 # own: watch for it afresh.  (A mapping keeps its handle open until unmapped.)
                 self._loads.pop((h.entry.path, h.entry.blake3), None)
+                self._pushed_ahead.pop((h.entry.path, h.entry.blake3), None)
                 self._maybe_release(h.inode)
 
     async def flush(self, fh):

@@ -410,3 +410,73 @@ def test_a_file_with_a_chunk_larger_than_native_max_chunk_is_streamed_in_python(
     assert not ops._native(True, replace(f, chunk_sizes=sizes, offsets=[]))
     sizes[-1] = fs.NATIVE_MAX_CHUNK
     assert ops._native(True, replace(f, chunk_sizes=sizes, offsets=[]))
+
+
+def _pushing_reader(store, m, tmp_path, monkeypatch, reads):
+    """Read the tensors *reads* whole (128 KiB reads, in that order) through Operations that
+    push, as a kernel session's do; return the pushes made, as ``(offset, bytes)``, the file
+    entry and the counters."""
+    import pyfuse3
+
+    pushes: list[tuple[int, bytes]] = []
+    monkeypatch.setattr(pyfuse3, "notify_store",
+                        lambda inode, offset, data: pushes.append((offset, bytes(data))))
+    source = ChunkSource(store, ChunkCache(tmp_path / "cache", 1 << 30))
+    ops = Operations(Tree.of(m, Inodes()), source, {}, inodes=None, supervisor=Supervisor(),
+                     push=True)
+    f = next(f for f in m.files if f.path == "model.safetensors")
+
+    async def main():
+        async with trio.open_nursery() as n:
+            ops.supervisor.nursery = n
+            attr = await ops.lookup(ROOT_INODE, b"model.safetensors")
+            fh = (await ops.open(attr.st_ino, os.O_RDONLY, None)).fh
+            for name in reads:
+                b, e, _ = f.tensors[name]
+                for off in range(b, e, 128 << 10):
+                    await ops.read(fh, off, min(128 << 10, e - off))
+                await trio.sleep(0.05)  # the reader copies: read-ahead and pushes catch up
+            for _ in range(100):  # read-ahead and a stream, if any, finish while it is open
+                if not n.child_tasks:
+                    break
+                await trio.sleep(0.05)
+            await ops.release(fh)
+            n.cancel_scope.cancel()
+    trio.run(main)
+    return pushes, f, {**source.snapshot(), **ops.stats()}
+
+
+def test_read_ahead_pushes_the_rest_of_a_tensor_into_the_page_cache(model, tmp_path, monkeypatch):
+    """A reader deep in a tensor gets the rest of it fetched at once (Operations._tensor_ahead);
+    those chunks are pushed into the page cache too, so its next faults are no round trips
+    (docs/adr/0031).  Only that tensor's chunks, with the file's bytes."""
+    store, m, data = model
+    f = next(f for f in m.files if f.path == "model.safetensors")
+    name = sorted(n for n in f.tensors if n.endswith(".w"))[7]  # one tensor: no load
+    b, e, _ = f.tensors[name]
+    pushes, f, stats = _pushing_reader(store, m, tmp_path, monkeypatch, [name])
+    assert stats["streamed_bytes"] == 0 and pushes
+    for offset, piece in pushes:
+        assert piece == data[offset:offset + len(piece)]
+        assert b - 4096 <= offset and offset + len(piece) <= e + 4096, (offset, b, e)
+    # the chunks past the first SPILL bytes of the tensor are in the page cache
+    covered = set()
+    for offset, piece in pushes:
+        covered.update(range(offset // 4096, (offset + len(piece)) // 4096))
+    deep = range(-(-(b + (1 << 20)) // 4096), e // 4096)
+    assert set(deep) <= covered
+
+
+def test_a_stream_does_not_push_again_what_read_ahead_pushed(model, tmp_path, monkeypatch):
+    """A key-order load: read-ahead pushes the rest of each tensor it is deep in until the load
+    is recognised, then the stream brings the rest of the file and passes those chunks by.
+    Every byte pushed is the file's, and no chunk's pages are pushed twice."""
+    store, m, data = model
+    f = next(f for f in m.files if f.path == "model.safetensors")
+    names = sorted(n for n in f.tensors if n.endswith(".w"))[:LOAD_RUN + 2]
+    pushes, f, stats = _pushing_reader(store, m, tmp_path, monkeypatch, names)
+    assert stats["loads_recognised"] == 1 and stats["streamed_bytes"] > 0
+    for offset, piece in pushes:
+        assert piece == data[offset:offset + len(piece)]
+    bodies = [offset for offset, piece in pushes if len(piece) > 4096]  # not shared edge pages
+    assert len(bodies) == len(set(bodies)), "a chunk was pushed twice"
