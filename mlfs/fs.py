@@ -70,7 +70,7 @@ PART_READS = os.environ.get("MLFS_PART_READS", "1") != "0"
 KEEP_PUSHED = os.environ.get("MLFS_KEEP_PUSHED") == "1"
 #: Chunks that read-ahead brought (the rest of a tensor a reader is deep in, sequential
 #: read-ahead) are pushed into the page cache too, unless ``MLFS_PUSH_AHEAD=0`` (for
-#: comparisons): the reader's next faults in them are then no round trips (docs/adr/0031).
+#: comparisons): the reader's next faults in them are then no round trips (docs/adr/0032).
 PUSH_AHEAD = os.environ.get("MLFS_PUSH_AHEAD", "1") != "0"
 #: notify_store calls at once.  One thread spent 0.35-0.41 s of a 0.65 s warm stream of 555 MiB in
 #: them; two brought the stream to 0.55-0.63 s (docs/adr/0019).  Disk threads (4 or 8) did not matter.
@@ -599,7 +599,8 @@ class Operations(pyfuse3.Operations):
         open any more."""
         key = (entry.path, entry.blake3)
         stream = self._streams[key] = _Stream(native)
-        ahead = self._pushed_ahead.get(key, set())  # read-ahead adds none once the stream runs
+        # Chunks read-ahead pushed (or is pushing): passed by.  It starts no more pushes now.
+        ahead = self._pushed_ahead.setdefault(key, set())
         lead = max(self.source.memory_bytes // 2, STREAM_CONCURRENCY * max(entry.chunk_sizes))
         slots = trio.Semaphore(STREAM_CONCURRENCY)
         done = flying = 0
@@ -904,14 +905,17 @@ class Operations(pyfuse3.Operations):
         try:
             data = await self.source.get(cid, size)
             # Read-ahead brings chunks the reader is about to fault on (the rest of the tensor it
-            # is deep in): in the page cache its faults are no round trips (docs/adr/0031).  Not
+            # is deep in): in the page cache its faults are no round trips (docs/adr/0032).  Not
             # once the file is closed, nor where a stream of the file pushes already.
             key = (entry.path, entry.blake3) if entry is not None else None
             if (inode is not None and PUSH_AHEAD and self.push and self.opened.get(inode)
                     and key not in self._streams
                     and i not in self._pushed_ahead.get(key, ())):
-                if await self._push(None, inode, entry, i, data) and self.opened.get(inode):
-                    self._pushed_ahead.setdefault(key, set()).add(i)
+                # Marked before the push: a stream that starts meanwhile passes it by.
+                pushed = self._pushed_ahead.setdefault(key, set())
+                pushed.add(i)
+                if not await self._push(None, inode, entry, i, data):
+                    pushed.discard(i)
         except MlfsError as e:
             # The read that needs the chunk will try again and report it; not a background error.
             log.warning("read-ahead of chunk %s failed: %s", cid[:16], e)

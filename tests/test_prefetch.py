@@ -449,7 +449,7 @@ def _pushing_reader(store, m, tmp_path, monkeypatch, reads):
 def test_read_ahead_pushes_the_rest_of_a_tensor_into_the_page_cache(model, tmp_path, monkeypatch):
     """A reader deep in a tensor gets the rest of it fetched at once (Operations._tensor_ahead);
     those chunks are pushed into the page cache too, so its next faults are no round trips
-    (docs/adr/0031).  Only that tensor's chunks, with the file's bytes."""
+    (docs/adr/0032).  Only that tensor's chunks, with the file's bytes."""
     store, m, data = model
     f = next(f for f in m.files if f.path == "model.safetensors")
     name = sorted(n for n in f.tensors if n.endswith(".w"))[7]  # one tensor: no load
