@@ -194,8 +194,9 @@ class Operations(pyfuse3.Operations):
         # could not fill because the neighbouring chunk was not in memory.
         self._remnants: OrderedDict[tuple[str, int], dict[int, bytes]] = OrderedDict()
         self._streams: dict[tuple[str, str], _Stream] = {}  # loads being streamed
-        # Chunks read-ahead pushed into the page cache, per open file: a stream passes them by.
-        self._pushed_ahead: dict[tuple[str, str], set[int]] = {}
+        # Chunks read-ahead pushed into an open inode's page cache: a stream passes them by.
+        # (Per inode: a catalog's alias and its version are two inodes of one file.)
+        self._pushed_ahead: dict[int, set[int]] = {}
         self._sums_loaded: OrderedDict[tuple[str, str], None] = OrderedDict()  # _load_sums
         #: Push streamed chunks into the kernel's page cache (only with a kernel session: the
         #: in-process tier has none).
@@ -254,13 +255,14 @@ class Operations(pyfuse3.Operations):
             if ino in new.nodes:  # back in the tree (switched back): no longer retired
                 del self.retired[ino]
         live = {(f.path, f.blake3) for f in new.files}
-        for index in (self._tensor_index, self._loads, self._pushed_ahead):
+        for index in (self._tensor_index, self._loads):
             for key in [k for k in index if k not in live]:
                 del index[key]
 
     def _maybe_release(self, ino: int) -> None:
         if ino in self.retired and not self.lookups.get(ino) and not self.opened.get(ino):
             del self.retired[ino]
+            self._pushed_ahead.pop(ino, None)  # the number may come back as another file
             if self.inodes is not None:
                 self.inodes.release(ino)
 
@@ -600,7 +602,7 @@ class Operations(pyfuse3.Operations):
         key = (entry.path, entry.blake3)
         stream = self._streams[key] = _Stream(native)
         # Chunks read-ahead pushed (or is pushing): passed by.  It starts no more pushes now.
-        ahead = self._pushed_ahead.setdefault(key, set())
+        ahead = self._pushed_ahead.setdefault(inode, set())
         lead = max(self.source.memory_bytes // 2, STREAM_CONCURRENCY * max(entry.chunk_sizes))
         slots = trio.Semaphore(STREAM_CONCURRENCY)
         done = flying = 0
@@ -907,12 +909,11 @@ class Operations(pyfuse3.Operations):
             # Read-ahead brings chunks the reader is about to fault on (the rest of the tensor it
             # is deep in): in the page cache its faults are no round trips (docs/adr/0032).  Not
             # once the file is closed, nor where a stream of the file pushes already.
-            key = (entry.path, entry.blake3) if entry is not None else None
             if (inode is not None and PUSH_AHEAD and self.push and self.opened.get(inode)
-                    and key not in self._streams
-                    and i not in self._pushed_ahead.get(key, ())):
+                    and (entry.path, entry.blake3) not in self._streams
+                    and i not in self._pushed_ahead.get(inode, ())):
                 # Marked before the push: a stream that starts meanwhile passes it by.
-                pushed = self._pushed_ahead.setdefault(key, set())
+                pushed = self._pushed_ahead.setdefault(inode, set())
                 pushed.add(i)
                 if not await self._push(None, inode, entry, i, data):
                     pushed.discard(i)
@@ -933,7 +934,7 @@ class Operations(pyfuse3.Operations):
                 # The next load of the file (a restarted server, another process) is a load of its
                 # own: watch for it afresh.  (A mapping keeps its handle open until unmapped.)
                 self._loads.pop((h.entry.path, h.entry.blake3), None)
-                self._pushed_ahead.pop((h.entry.path, h.entry.blake3), None)
+                self._pushed_ahead.pop(h.inode, None)
                 self._maybe_release(h.inode)
 
     async def flush(self, fh):
