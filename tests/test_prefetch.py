@@ -143,12 +143,14 @@ def model(tmp_path):
 
 
 def run_reads(store, m, tmp_path, reads, memory_bytes=256 << 20, watch=None, pause=0.0,
-              passes=1):
+              passes=1, push=False):
     """Open the model, read the tensors *reads* in that order, let a stream finish, close it;
-    *passes* times over (each pass a reader of its own)."""
+    *passes* times over (each pass a reader of its own).  *push*: the Operations push into the
+    page cache, as a kernel session's do (the caller stands in for pyfuse3.notify_store)."""
     cache = ChunkCache(tmp_path / "cache", 1 << 30)
     source = ChunkSource(store, cache, memory_bytes=memory_bytes)
-    ops = Operations(Tree.of(m, Inodes()), source, {}, inodes=None, supervisor=Supervisor())
+    ops = Operations(Tree.of(m, Inodes()), source, {}, inodes=None, supervisor=Supervisor(),
+                     push=push)
     f = next(f for f in m.files if f.path == "model.safetensors")
     out = {}
 
@@ -412,38 +414,14 @@ def test_a_file_with_a_chunk_larger_than_native_max_chunk_is_streamed_in_python(
     assert ops._native(True, replace(f, chunk_sizes=sizes, offsets=[]))
 
 
-def _pushing_reader(store, m, tmp_path, monkeypatch, reads):
-    """Read the tensors *reads* whole (128 KiB reads, in that order) through Operations that
-    push, as a kernel session's do; return the pushes made, as ``(offset, bytes)``, the file
-    entry and the counters."""
+def _pushes(monkeypatch) -> list[tuple[int, bytes]]:
+    """Where pyfuse3.notify_store's pushes go instead: ``(offset, bytes)`` in call order."""
     import pyfuse3
 
     pushes: list[tuple[int, bytes]] = []
     monkeypatch.setattr(pyfuse3, "notify_store",
                         lambda inode, offset, data: pushes.append((offset, bytes(data))))
-    source = ChunkSource(store, ChunkCache(tmp_path / "cache", 1 << 30))
-    ops = Operations(Tree.of(m, Inodes()), source, {}, inodes=None, supervisor=Supervisor(),
-                     push=True)
-    f = next(f for f in m.files if f.path == "model.safetensors")
-
-    async def main():
-        async with trio.open_nursery() as n:
-            ops.supervisor.nursery = n
-            attr = await ops.lookup(ROOT_INODE, b"model.safetensors")
-            fh = (await ops.open(attr.st_ino, os.O_RDONLY, None)).fh
-            for name in reads:
-                b, e, _ = f.tensors[name]
-                for off in range(b, e, 128 << 10):
-                    await ops.read(fh, off, min(128 << 10, e - off))
-                await trio.sleep(0.05)  # the reader copies: read-ahead and pushes catch up
-            for _ in range(100):  # read-ahead and a stream, if any, finish while it is open
-                if not n.child_tasks:
-                    break
-                await trio.sleep(0.05)
-            await ops.release(fh)
-            n.cancel_scope.cancel()
-    trio.run(main)
-    return pushes, f, {**source.snapshot(), **ops.stats()}
+    return pushes
 
 
 def test_read_ahead_pushes_the_rest_of_a_tensor_into_the_page_cache(model, tmp_path, monkeypatch):
@@ -454,12 +432,13 @@ def test_read_ahead_pushes_the_rest_of_a_tensor_into_the_page_cache(model, tmp_p
     f = next(f for f in m.files if f.path == "model.safetensors")
     name = sorted(n for n in f.tensors if n.endswith(".w"))[7]  # one tensor: no load
     b, e, _ = f.tensors[name]
-    pushes, f, stats = _pushing_reader(store, m, tmp_path, monkeypatch, [name])
+    pushes = _pushes(monkeypatch)
+    stats, f, _ = run_reads(store, m, tmp_path, [name], push=True)
     assert stats["streamed_bytes"] == 0 and pushes
     for offset, piece in pushes:
         assert piece == data[offset:offset + len(piece)]
         assert b - 4096 <= offset and offset + len(piece) <= e + 4096, (offset, b, e)
-    # the chunks past the first SPILL bytes of the tensor are in the page cache
+    # past its first MiB (SPILL, then the rest of the chunk that reaches) the tensor was pushed
     covered = set()
     for offset, piece in pushes:
         covered.update(range(offset // 4096, (offset + len(piece)) // 4096))
@@ -474,7 +453,8 @@ def test_a_stream_does_not_push_again_what_read_ahead_pushed(model, tmp_path, mo
     store, m, data = model
     f = next(f for f in m.files if f.path == "model.safetensors")
     names = sorted(n for n in f.tensors if n.endswith(".w"))[:LOAD_RUN + 2]
-    pushes, f, stats = _pushing_reader(store, m, tmp_path, monkeypatch, names)
+    pushes = _pushes(monkeypatch)
+    stats, f, _ = run_reads(store, m, tmp_path, names, push=True)
     assert stats["loads_recognised"] == 1 and stats["streamed_bytes"] > 0
     for offset, piece in pushes:
         assert piece == data[offset:offset + len(piece)]
