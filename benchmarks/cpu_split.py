@@ -138,16 +138,20 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+#: Code for a fresh interpreter: the stored model's file entry *f* from store *s* (``argv[1]``).
+MODEL = ("from mlfs.stores import open_store\n"
+         "s = open_store(sys.argv[1]); m = s.load_manifest('llm', 'v1')\n"
+         "f = next(f for f in m.files if f.path == 'model.safetensors')\n")
+
+
 def plain_work(store: str, env, work: Path) -> float:
     """CPU seconds, in a fresh interpreter with the daemon's malloc settings, to do a cold load's
     data work without FUSE, trio or the disk cache: GET every chunk of the model (8 threads, the
     mount's direct path), check and decode it, and write it at its offset into a file (the page
     cache, as the mount's pushes fill it).  The interpreter's start and imports are not counted."""
     code = ("import os, sys, resource; from concurrent.futures import ThreadPoolExecutor\n"
-            "from mlfs.stores import open_store; from mlfs.buffers import reuse_freed_memory\n"
-            "reuse_freed_memory()\n"
-            "s = open_store(sys.argv[1]); m = s.load_manifest('llm', 'v1')\n"
-            "f = next(f for f in m.files if f.path == 'model.safetensors')\n"
+            "from mlfs.buffers import reuse_freed_memory\n"
+            "reuse_freed_memory()\n" + MODEL +
             "fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)\n"
             "def one(job):\n"
             "    c, n, off = job\n"
@@ -170,9 +174,7 @@ def plain_work(store: str, env, work: Path) -> float:
 def own_work(store: str, env) -> float:
     """CPU seconds, in a fresh interpreter, to check every chunk of the stored model with blake3
     and to decode those stored compressed: work the mount does and s5cmd does not."""
-    code = ("import sys, time; from mlfs.stores import open_store; from mlfs import codec\n"
-            "s = open_store(sys.argv[1]); m = s.load_manifest('llm', 'v1')\n"
-            "f = next(f for f in m.files if f.path == 'model.safetensors')\n"
+    code = ("import sys, time; from mlfs import codec\n" + MODEL +
             "bodies = [(c, n, s.get_chunk(c)) for c, n in zip(f.chunk_ids, f.chunk_sizes)]\n"
             "t = time.process_time()\n"
             "for c, n, b in bodies:\n"
