@@ -35,7 +35,7 @@ from .client import STATS_XATTR
 from .errors import MlfsError
 from .fetch import ChunkSource
 from .manifest import FileEntry
-from .prefetch import WARM_RUN, WARM_START_RUN, LoadDetector, stream_order
+from .prefetch import WARM_RUN, WARM_START_RUN, LoadDetector, next_shard, stream_order
 from .supervise import Supervisor
 from .tree import ROOT_INODE, Inodes, Node, Tree, chunk_slices
 
@@ -72,6 +72,10 @@ KEEP_PUSHED = os.environ.get("MLFS_KEEP_PUSHED") == "1"
 #: read-ahead) are pushed into the page cache too, unless ``MLFS_PUSH_AHEAD=0`` (for
 #: comparisons): the reader's next faults in them are then no round trips (docs/adr/0032).
 PUSH_AHEAD = os.environ.get("MLFS_PUSH_AHEAD", "1") != "0"
+#: Once a load of one shard of a checkpoint is recognised and streamed, the next shard is fetched
+#: into the disk cache (mlfs.prefetch.next_shard, docs/adr/0033) unless ``MLFS_NEXT_SHARD=0``
+#: (for comparisons).
+NEXT_SHARD = os.environ.get("MLFS_NEXT_SHARD", "1") != "0"
 #: notify_store calls at once.  One thread spent 0.35-0.41 s of a 0.65 s warm stream of 555 MiB in
 #: them; two brought the stream to 0.55-0.63 s (docs/adr/0019).  Disk threads (4 or 8) did not matter.
 PUSH_THREADS = 2
@@ -111,10 +115,17 @@ class _Stream:
     chunks out of the memory LRU before their turn, and they were read from disk twice)."""
 
     __slots__ = ("pending", "pending_bytes", "moved", "asked", "native", "active", "shared",
-                 "sums", "buffers")
+                 "sums", "buffers", "slots", "issued", "whole")
 
     def __init__(self, native: bool = False) -> None:
         self.native = native  # streamed by mlfs.dataplane
+        # Fetches in flight (STREAM_CONCURRENCY); the next shard's fetch (Operations._next_shard)
+        # takes them over as the last chunks of this file come in.
+        self.slots = trio.Semaphore(STREAM_CONCURRENCY)
+        # Set once the stream has handed out its last chunk (or stopped); *whole*: it got through
+        # the file, no close stopped it.
+        self.issued = trio.Event()
+        self.whole = False
         # The C stream's current call: chunk index → (job number, where its block checksums go,
         # how many bytes of them); the memory it shares (Operations._native_part): three bytes
         # per job, the block checksums, its read buffers.
@@ -197,6 +208,10 @@ class Operations(pyfuse3.Operations):
         # Chunks read-ahead pushed into an open inode's page cache: a stream passes them by.
         # (Per inode: a catalog's alias and its version are two inodes of one file.)
         self._pushed_ahead: dict[int, set[int]] = {}
+        # Chunks being fetched ahead of a shard's load (_next_shard): a stream of that shard
+        # waits for them and pushes them, as it would its own.
+        self._shard_ahead: set[str] = set()
+        self.shards_ahead = 0  # next shards fetched ahead of their loads
         self._sums_loaded: OrderedDict[tuple[str, str], None] = OrderedDict()  # _load_sums
         #: Push streamed chunks into the kernel's page cache (only with a kernel session: the
         #: in-process tier has none).
@@ -343,7 +358,7 @@ class Operations(pyfuse3.Operations):
         return {**self.info, **current, **self.source.snapshot(), **self.supervisor.snapshot(),
                 "pushed_bytes": self.pushed_bytes, "push_seconds": round(self.push_seconds, 3),
                 "streamed_in_c": self.native_bytes,
-                "loads_recognised": self.loads_recognised,
+                "loads_recognised": self.loads_recognised, "shards_ahead": self.shards_ahead,
                 "open_files": len(self.handles), "known_inodes": len(self.lookups),
                 "retired_inodes": len(self.retired)}
 
@@ -577,9 +592,68 @@ class Operations(pyfuse3.Operations):
                      det.order, ", tensor heads first" if heads_first else "")
             self.loads_recognised += 1
             order = stream_order(entry, det.order, heads_first=heads_first)
-            native = self._native(cached, entry)
+            stream = self._streams[key] = _Stream(self._native(cached, entry))
             self.supervisor.start(f"stream of {entry.path}",
-                                  lambda: self._stream(h.inode, entry, order, native))
+                                  lambda: self._stream(h.inode, entry, order, stream))
+            node = self.tree.by_path(next_shard(entry.path, self._is_file) or "") \
+                if NEXT_SHARD else None
+            if node is not None and node.entry.size <= self.source.cache.max_bytes // 2:
+                nxt = node.entry
+                self.supervisor.start(f"fetch of {nxt.path} ahead of its load",
+                                      lambda: self._next_shard(stream, nxt, det.order))
+
+    def _is_file(self, path: str) -> bool:
+        node = self.tree.by_path(path)
+        return node is not None and not node.is_dir
+
+    async def _next_shard(self, stream: _Stream, nxt: FileEntry, order: str) -> None:
+        """Fetch the shard a loader takes next into the disk cache, in the order it goes in,
+        once the stream of the shard it is loading has handed out its last chunk (so the two do
+        not share the link while the loader waits for the first), at most
+        ``STREAM_CONCURRENCY`` chunks at a time, as background work.  Stops when the shard's
+        own load is recognised (its stream takes over and pushes what is in flight here), when
+        the mount switches to a version without it, or when the stream was stopped by a close
+        before the file's end (no whole-checkpoint load after all)."""
+        await stream.issued.wait()
+        key = (nxt.path, nxt.blake3)
+        if not stream.whole or key in self._streams:
+            return
+        cache = self.source.cache
+        slots = stream.slots
+        started, brought = trio.current_time(), 0
+
+        async def one(cid: str, size: int) -> None:
+            nonlocal brought
+            try:
+                await self.source.get(cid, size, background=True)
+                brought += size
+            except MlfsError as e:  # the read that needs the chunk tries again and says so
+                log.warning("fetch of %s ahead of its load: chunk %s: %s", nxt.path, cid[:16], e)
+            finally:
+                self._shard_ahead.discard(cid)
+                slots.release()
+
+        def current() -> bool:
+            node = self.tree.by_path(nxt.path)
+            return key not in self._streams and node is not None and node.entry is nxt
+
+        async with trio.open_nursery() as n:
+            for i in stream_order(nxt, order):
+                cid, size = nxt.chunk_ids[i], nxt.chunk_sizes[i]
+                if self.source.peek(cid) is not None or self.source.in_flight(cid) \
+                        or cache.contains(cid):
+                    continue
+                await slots.acquire()
+                if not current():
+                    slots.release()
+                    break
+                self._shard_ahead.add(cid)
+                n.start_soon(one, cid, size)
+        if brought:
+            self.shards_ahead += 1
+            self.source.counters.prefetched_bytes += brought
+            log.info("fetched %d bytes of %s ahead of its load in %.2fs", brought, nxt.path,
+                     trio.current_time() - started)
 
     def _mostly_cached(self, entry: FileEntry, sample: int = 16) -> bool:
         """Whether most of *entry*'s chunks are in the disk cache (judged on a sample of them).
@@ -591,7 +665,7 @@ class Operations(pyfuse3.Operations):
         return 2 * sum(self.source.cache.contains(entry.chunk_ids[i]) for i in picks) > len(picks)
 
     async def _stream(self, inode: int, entry: FileEntry, order: list[int],
-                      native: bool = False) -> None:
+                      stream: _Stream) -> None:
         """Bring the chunks of *entry* into memory (and the disk cache) in *order* — the order the
         loader goes in — at most ``STREAM_CONCURRENCY`` at a time, as background work (a reader's
         own miss is never queued behind it).  Each chunk no read has asked for yet is pushed into
@@ -600,11 +674,11 @@ class Operations(pyfuse3.Operations):
         half the memory budget of them ahead of the reader.  Stops when no handle has the file
         open any more."""
         key = (entry.path, entry.blake3)
-        stream = self._streams[key] = _Stream(native)
+        native = stream.native
         # Chunks read-ahead pushed (or is pushing): passed by.  It starts no more pushes now.
         ahead = self._pushed_ahead.setdefault(inode, set())
         lead = max(self.source.memory_bytes // 2, STREAM_CONCURRENCY * max(entry.chunk_sizes))
-        slots = trio.Semaphore(STREAM_CONCURRENCY)
+        slots = stream.slots
         done = flying = 0
         started, pushing = trio.current_time(), self.push_seconds
 
@@ -632,7 +706,7 @@ class Operations(pyfuse3.Operations):
                     cid, size = entry.chunk_ids[i], entry.chunk_sizes[i]
                     if i in ahead:
                         return True  # read-ahead pushed it into the page cache already
-                    if self.source.in_flight(cid) and not join:
+                    if self.source.in_flight(cid) and not join and cid not in self._shard_ahead:
                         return True  # a reader's miss: it gets the chunk from memory as it goes
                     held = self.source.peek(cid)
                     if held is not None:
@@ -666,7 +740,10 @@ class Operations(pyfuse3.Operations):
                     for i in order:
                         if not await take(i):
                             break
+                stream.whole = bool(self.opened.get(inode))
+                stream.issued.set()
         finally:
+            stream.issued.set()
             if self._streams.get(key) is stream:
                 del self._streams[key]
             self.source.counters.streamed_bytes += done

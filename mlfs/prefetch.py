@@ -23,11 +23,23 @@ each touch is a round trip for the tensor's head, so a second signal is the *sta
 ``start_run`` (8) large tensors whose first byte was read follow each other the same way.  Read-ahead
 past the end of a tensor touches the next one's start, so a random reader's starts come in pairs
 (its pick, then the neighbour) and never make a run of eight.
+
+Large checkpoints come in shards (``model-00001-of-00004.safetensors`` and on; PyTorch ``.bin``
+shards and llama.cpp's GGUF splits are named the same way), and loaders take them one after the
+other in that order.  Each shard's load is recognised on its own, so between two of them the link
+went idle: the loader finished the last tensors of one, opened the next and made the reads that
+show a load (0.12-0.38 s a shard on a 1 Gbit/s link).  Once a load of a shard is recognised and its
+stream has handed out its last chunk, the mount fetches the next shard (:func:`next_shard`) into
+the disk cache, so the loader finds it there (docs/adr/0033).  Only one shard ahead: a loader that
+stops after one shard costs one shard more, never the model.
 """
 
 from __future__ import annotations
 
+import posixpath
+import re
 from bisect import bisect_right
+from typing import Callable
 
 from .manifest import FileEntry
 
@@ -151,3 +163,21 @@ def stream_order(entry: FileEntry, order: str, heads_first: bool = False) -> lis
     for i in range(len(entry.chunk_ids)):
         add(i)
     return seq
+
+
+_SHARD = re.compile(r"(?P<stem>.+)-(?P<k>\d+)-of-(?P<n>\d+)(?P<ext>\.[^.]+)?")
+
+
+def next_shard(path: str, exists: Callable[[str], bool]) -> str | None:
+    """The path of the shard a loader takes after *path* — ``d/model-00003-of-00004.safetensors``
+    after ``d/model-00002-of-00004.safetensors``, the number written as wide as the one it follows
+    — if *exists* says there is such a file; else None (the last shard, or not a shard)."""
+    head, name = posixpath.split(path)
+    m = _SHARD.fullmatch(name)
+    if m is None:
+        return None
+    k, n = int(m["k"]), int(m["n"])
+    if k >= n:
+        return None
+    nxt = posixpath.join(head, f"{m['stem']}-{k + 1:0{len(m['k'])}d}-of-{m['n']}{m['ext'] or ''}")
+    return nxt if exists(nxt) else None

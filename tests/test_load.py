@@ -210,3 +210,45 @@ def test_a_warm_load_is_streamed_in_c_and_survives_damaged_and_missing_cache_fil
     assert s["streamed_in_c"] > path.stat().st_size / 2, s
     assert s["corrupt_cache_files"] == 1 and s["chunks_fetched"] >= 2 and s["fetch_errors"] == 0
     assert "in C" in warm.log.read_text()
+
+
+# transformers' own loader, in a process of its own: every parameter's bytes, hashed.
+TRANSFORMERS_LOADER = """
+import hashlib, json, os, sys
+os.environ["HF_HUB_OFFLINE"] = "1"
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+print(json.dumps({k: hashlib.sha256(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+                  for k, v in m.state_dict().items()}))
+""".replace("import hashlib", "import torch, hashlib")
+
+
+def test_a_sharded_checkpoint_loads_with_each_next_shard_fetched_ahead(store, mounter, tmp_path):
+    """transformers writes a large checkpoint in shards and loads them one after the other.  Once
+    the load of one shard is recognised, the mount fetches the next into the disk cache before
+    the loader opens it (docs/adr/0033).  The parameters are the local copy's, and no chunk is
+    fetched twice."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
+                         num_attention_heads=16, num_key_value_heads=16, vocab_size=4096)
+    d = tmp_path / "llama"  # ~140 MiB in fp16: 2 and 5.5 MiB matrices
+    LlamaForCausalLM(config).to(torch.float16).save_pretrained(str(d), max_shard_size="40MB")
+    shards = sorted(d.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 3 and (d / "model.safetensors.index.json").exists()
+    man = generate_into(store, d, "llama", "v1", tmp_path)
+    mnt = mounter("--manifest", man, "--cache-dir", tmp_path / "c")
+
+    def load(path):
+        p = subprocess.run([sys.executable, "-c", TRANSFORMERS_LOADER, str(path)],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+    assert load(mnt.mountpoint) == load(d)
+    s = mnt.stats()
+    assert s["fetch_errors"] == 0
+    assert s["shards_ahead"] >= 1, {k: s[k] for k in ("loads_recognised", "shards_ahead",
+                                                      "streamed_bytes", "prefetched_bytes")}
+    assert s["bytes_fetched"] <= sum(p.stat().st_size for p in d.iterdir())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from mlfs.fetch import ChunkSource
 from mlfs.fs import Operations
 from mlfs.generate import generate
 from mlfs.manifest import FileEntry
-from mlfs.prefetch import LOAD_RUN, START_RUN, LoadDetector, stream_order
+from mlfs.prefetch import LOAD_RUN, START_RUN, LoadDetector, next_shard, stream_order
 from mlfs.supervise import Supervisor
 from mlfs.tree import ROOT_INODE, Inodes, Tree
 
@@ -121,6 +122,19 @@ def test_read_ahead_spill_does_not_finish_the_next_tensor():
 def test_files_with_few_large_tensors_are_left_to_the_lazy_path():
     det = LoadDetector(entry(n=3))
     assert not det.enabled and not det.observe(0, 1 << 30)
+
+
+def test_the_next_shard_is_named_like_the_one_before():
+    have = {"d/model-00002-of-00004.safetensors", "w-2-of-3.gguf", "pytorch_model-00010-of-00012.bin"}
+    assert next_shard("d/model-00001-of-00004.safetensors", have.__contains__) == \
+        "d/model-00002-of-00004.safetensors"
+    assert next_shard("w-1-of-3.gguf", have.__contains__) == "w-2-of-3.gguf"  # llama.cpp splits
+    assert next_shard("pytorch_model-00009-of-00012.bin", have.__contains__) == \
+        "pytorch_model-00010-of-00012.bin"
+    assert next_shard("d/model-00002-of-00004.safetensors", have.__contains__) is None  # not there
+    assert next_shard("d/model-00004-of-00004.safetensors", lambda p: True) is None  # the last
+    assert next_shard("model.safetensors", lambda p: True) is None
+    assert next_shard("model-00001-of-00004.safetensors/x", lambda p: True) is None
 
 
 # -- through Operations, no kernel -------------------------------------------------------------------
@@ -460,3 +474,126 @@ def test_a_stream_does_not_push_again_what_read_ahead_pushed(model, tmp_path, mo
         assert piece == data[offset:offset + len(piece)]
     bodies = [offset for offset, piece in pushes if len(piece) > 4096]  # not shared edge pages
     assert len(bodies) == len(set(bodies)), "a chunk was pushed twice"
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """A checkpoint in three shards (``model-0000k-of-00003.safetensors``), as transformers
+    writes large ones, and a config."""
+    from safetensors.numpy import save_file
+
+    from mlfs.stores import open_store
+
+    rng = np.random.default_rng(1)
+    d = tmp_path / "sharded"
+    d.mkdir()
+    data = {}
+    for k in range(1, 4):
+        tensors = {f"layer.{k}.{i:02d}.w": rng.standard_normal((1024, 512), dtype=np.float32)
+                   for i in range(12)}  # 2 MiB each
+        tensors.update({f"layer.{k}.{i:02d}.b": rng.standard_normal(512, dtype=np.float32)
+                        for i in range(12)})
+        name = f"model-{k:05d}-of-00003.safetensors"
+        save_file(tensors, str(d / name))
+        data[name] = (d / name).read_bytes()
+    (d / "config.json").write_text("{}")
+    store = open_store(str(tmp_path / "store"), create=True)
+    return store, generate(d, store, "m", "v1").manifest, data
+
+
+def load_shards(store, m, data, tmp_path, plan, settle=True):
+    """Read whole tensors of files in turn: *plan* is ``[(path, [tensor names])]``.  After each
+    file, background work (its stream, the next shard's fetch) is let finish before the file is
+    closed (*settle*; else the next file is opened at once and the work goes on beside its
+    reads, and only the last file waits for it); every byte read is checked against *data* (path → the file's bytes).  Returns the
+    Operations and, per file, the bytes fetched while it was read."""
+    cache = ChunkCache(tmp_path / "cache", 1 << 30)
+    source = ChunkSource(store, cache, memory_bytes=64 << 20)
+    ops = Operations(Tree.of(m, Inodes()), source, {}, inodes=None, supervisor=Supervisor())
+    fetched = {}
+
+    async def main():
+        async with trio.open_nursery() as n:
+            ops.supervisor.nursery = n
+            for path, names in plan:
+                f = next(f for f in m.files if f.path == path)
+                before = source.counters.bytes_fetched
+                attr = await ops.lookup(ROOT_INODE, path.encode())
+                fh = (await ops.open(attr.st_ino, os.O_RDONLY, None)).fh
+                for name in names:
+                    b, e, _ = f.tensors[name]
+                    for off in range(b, e, 128 << 10):
+                        got = bytes(await ops.read(fh, off, min(128 << 10, e - off)))
+                        assert got == data[path][off:off + len(got)]
+                fetched[path] = source.counters.bytes_fetched - before
+                for _ in range(400 if settle or path == plan[-1][0] else 0):  # the stream and the fetch ahead, while the file is open
+                    if not n.child_tasks:
+                        break
+                    await trio.sleep(0.02)
+                await ops.release(fh)
+            n.cancel_scope.cancel()
+    trio.run(main)
+    source.flush()  # every fetched chunk offered to the disk cache
+    return ops, fetched
+
+
+def _file(m, path):
+    return next(f for f in m.files if f.path == path)
+
+
+def test_a_shard_s_load_fetches_the_next_shard_ahead_of_it(shards, tmp_path):
+    """A loader taking shard 1 whole: once its load is recognised and streamed, shard 2 comes
+    into the disk cache before the loader opens it — and only shard 2 (one shard ahead).  The
+    load of shard 2 then fetches nothing, and fetches shard 3 ahead in turn."""
+    store, m, data = shards
+    s1, s2, s3 = sorted(data)
+    order = lambda p: sorted(_file(m, p).tensors, key=lambda n: _file(m, p).tensors[n][0])  # noqa: E731
+    ops, fetched = load_shards(store, m, data, tmp_path, [(s1, order(s1))])
+    cache = ops.source.cache
+    assert ops.loads_recognised == 1 and ops.shards_ahead == 1
+    assert all(cache.contains(c) for c in _file(m, s2).chunk_ids)
+    assert not any(cache.contains(c) for c in _file(m, s3).chunk_ids[1:])  # its header: prefetch set
+    assert ops.stats()["prefetched_bytes"] >= 0.9 * len(data[s2])
+
+    shutil.rmtree(tmp_path / "cache")
+    ops, fetched = load_shards(store, m, data, tmp_path, [(s1, order(s1)), (s2, order(s2))])
+    assert fetched[s2] == 0  # every byte of shard 2 was there when the loader came
+    assert ops.loads_recognised == 2 and ops.shards_ahead == 2
+    assert all(ops.source.cache.contains(c) for c in _file(m, s3).chunk_ids)
+
+
+def test_a_loader_opening_the_next_shard_while_it_is_fetched_ahead_reads_exact_bytes(
+        shards, tmp_path):
+    """The loader goes on to shard 2 at once: its load is recognised while the fetch ahead still
+    runs, and its stream takes over (waiting for the chunks in flight).  Exact bytes, and no
+    chunk of the checkpoint is fetched twice."""
+    store, m, data = shards
+    order = lambda p: sorted(_file(m, p).tensors, key=lambda n: _file(m, p).tensors[n][0])  # noqa: E731
+    ops, fetched = load_shards(store, m, data, tmp_path, [(p, order(p)) for p in sorted(data)],
+                               settle=False)
+    assert ops.loads_recognised == 3
+    chunks = {c: n for f in m.files if f.path in data for c, n in zip(f.chunk_ids, f.chunk_sizes)}
+    assert ops.source.counters.bytes_fetched == sum(chunks.values())  # each chunk once
+
+
+def test_a_reader_taking_a_few_tensors_of_a_shard_does_not_pull_the_next(shards, tmp_path):
+    store, m, data = shards
+    s1, s2, _ = sorted(data)
+    picks = random.Random(2).sample([n for n in _file(m, s1).tensors if n.endswith(".w")], 3)
+    ops, _ = load_shards(store, m, data, tmp_path, [(s1, picks)])
+    assert ops.loads_recognised == 0 and ops.shards_ahead == 0
+    assert not any(ops.source.cache.contains(c) for c in _file(m, s2).chunk_ids)
+
+
+def test_without_next_shard_the_shards_are_fetched_only_when_read(shards, tmp_path, monkeypatch):
+    """The A/B switch (MLFS_NEXT_SHARD=0) turns the fetch ahead off; the assertion above then
+    fails, which shows it tests the fetch ahead and not the stream."""
+    import mlfs.fs
+
+    monkeypatch.setattr(mlfs.fs, "NEXT_SHARD", False)
+    store, m, data = shards
+    s1, s2, _ = sorted(data)
+    order = sorted(_file(m, s1).tensors, key=lambda n: _file(m, s1).tensors[n][0])
+    ops, _ = load_shards(store, m, data, tmp_path, [(s1, order)])
+    assert ops.loads_recognised == 1 and ops.shards_ahead == 0
+    assert not any(ops.source.cache.contains(c) for c in _file(m, s2).chunk_ids)
