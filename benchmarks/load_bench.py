@@ -11,7 +11,8 @@ a copy of each tensor, as ``load_state_dict`` would; or ``safe_open`` + ``get_te
 Peers in the same run: s5cmd download + local load, Run:ai's model streamer (S3 → memory), the
 local disk, ``rclone mount`` (if installed).  Also: v2 after v1 with the default switch (checked, then
 flipped, then filled) and with ``switch --warm``, each in ``MLFS_BENCH_COLD_ROUNDS`` rounds; the mount's peak RSS with a cache a tenth of the model; the 100 Mbit/s pass
-with s5cmd beside it; and a loopback pass (s3rver on 127.0.0.1) against Run:ai.  Cold figures are whole wall times as a user meets them: mount start plus the loading
+with s5cmd beside it; the same model in 4 shards loaded shard after shard (s5cmd + load, Run:ai,
+mlfs with and without the next shard fetched ahead); and a loopback pass (s3rver on 127.0.0.1) against Run:ai.  Cold figures are whole wall times as a user meets them: mount start plus the loading
 process (interpreter and torch start included), s5cmd's download plus the same process, Run:ai's
 process, each the median of ``MLFS_BENCH_COLD_ROUNDS`` (3) interleaved rounds; warm and hot compare
 the load timed inside the process with the local disk's.  Then MiniLM through ``transformers.AutoModel.from_pretrained``.  Ratios are within
@@ -61,6 +62,19 @@ RUNAI = ("import sys,time,torch; from runai_model_streamer import SafetensorsStr
          "with SafetensorsStreamer() as s:\n"
          "    s.stream_file(sys.argv[1]); d={k: v.clone() for k, v in s.get_tensors()}\n"
          "print(time.perf_counter()-t)")
+# A sharded checkpoint as transformers loads it: shard after shard, in the index's order.
+LOAD_SHARDS = ("import sys,os,json,time,torch; from safetensors.torch import load_file\n"
+               "t=time.perf_counter(); d=sys.argv[1]\n"
+               "idx=json.load(open(os.path.join(d, 'model.safetensors.index.json')))\n"
+               "sd={}\n"
+               "for f in sorted(set(idx['weight_map'].values())):\n"
+               "    sd.update({k: v.clone() for k, v in load_file(os.path.join(d, f)).items()})\n"
+               "print(time.perf_counter()-t)")
+RUNAI_FILES = ("import sys,time,torch; from runai_model_streamer import SafetensorsStreamer\n"
+               "t=time.perf_counter()\n"
+               "with SafetensorsStreamer() as s:\n"
+               "    s.stream_files(sys.argv[1:]); d={k: v.clone() for k, v in s.get_tensors()}\n"
+               "print(time.perf_counter()-t)")
 TRANSFORMERS = ("import sys,time,torch; from transformers import AutoModel; t=time.perf_counter(); "
                 "m=AutoModel.from_pretrained(sys.argv[1]); print(time.perf_counter()-t)")
 
@@ -152,6 +166,35 @@ def make_llm(d: Path, size: int) -> tuple[Path, Path]:
         t[k] = (t[k].view(np.uint8) ^ np.uint8(0x55)).view(t[k].dtype)
     save_file(t, str(v2 / "model.safetensors"))
     return v1, v2
+
+
+def make_shards(model: Path, d: Path, n: int) -> Path:
+    """*model* cut into *n* shards in file order, named and indexed as transformers writes them
+    (``model-0000k-of-0000n.safetensors``, ``model.safetensors.index.json``)."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    with safe_open(str(model), "np") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    keys = sorted(t)  # a layer's tensors together, as in a state dict
+    per = sum(a.nbytes for a in t.values()) / n
+    shards: list[dict] = [{}]
+    size = 0
+    for k in keys:
+        if size >= per * len(shards) and len(shards) < n:
+            shards.append({})
+        shards[-1][k] = t[k]
+        size += t[k].nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(d / name))
+        weight_map.update(dict.fromkeys(shard, name))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {},
+                                                                "weight_map": weight_map}))
+    (d / "config.json").write_text("{}")
+    return d
 
 
 EXTRA: list[str] = []  # --mount-args
@@ -297,6 +340,44 @@ def main() -> None:
                 m.close()
         medians(r, cold, "mlfs cold load_file (mount + load)", "s5cmd + load_file",
                 "cold vs s5cmd + load")
+
+        # The same model in 4 shards, loaded shard after shard as transformers does; mlfs with
+        # and without the next shard fetched ahead (MLFS_NEXT_SHARD, docs/adr/0033).
+        sharded = make_shards(path1, work / "models" / "sharded", 4)
+        shard_names = sorted(p.name for p in sharded.glob("*.safetensors"))
+        subprocess.run([S5CMD, "--endpoint-url", endpoint, "cp", f"{sharded}/*", "s3://bench/shards/"],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([PY, "-m", "mlfs", "generate", str(sharded), "--store", store, "--id",
+                        "sharded", "--version", "v1"], env=env, check=True, capture_output=True)
+        shards: dict[str, list[float]] = {}
+        for n in range(COLD_ROUNDS):
+            log(f"sharded round {n + 1} of {COLD_ROUNDS}: s5cmd + load, Run:ai, mlfs (next shard "
+                "ahead, and not)")
+            dls = work / "dl-shards"
+            shutil.rmtree(dls, ignore_errors=True)
+            dls.mkdir()
+            drop_caches()
+            t = time.perf_counter()
+            subprocess.run([S5CMD, "--endpoint-url", endpoint, "cp", "s3://bench/shards/*",
+                            f"{dls}/"], env=env, check=True, stdout=subprocess.DEVNULL)
+            run_py(LOAD_SHARDS, dls)
+            add(shards, "sharded: s5cmd + load", time.perf_counter() - t)
+            drop_caches()
+            t = time.perf_counter()
+            run_py(RUNAI_FILES, *[f"s3://bench/shards/{f}" for f in shard_names], env=env)
+            add(shards, "sharded: runai stream", time.perf_counter() - t)
+            for kind, extra in (("", {}), (", MLFS_NEXT_SHARD=0", {"MLFS_NEXT_SHARD": "0"})):
+                shutil.rmtree(work / "cache-shards", ignore_errors=True)
+                drop_caches()
+                t = time.perf_counter()
+                m = Mount(work / "mnt-shards", work / "cache-shards", "--store", store, "--id",
+                          "sharded", "--version", "v1", env={**env, **extra})
+                mounts.append(m)
+                run_py(LOAD_SHARDS, m.mnt)
+                add(shards, f"sharded: mlfs cold (mount + load){kind}", time.perf_counter() - t)
+                m.close()
+        medians(r, shards, "sharded: mlfs cold (mount + load)", "sharded: s5cmd + load",
+                "sharded cold vs s5cmd + load")
 
         if shutil.which("rclone"):
             log("rclone mount (default options: no VFS cache)")
@@ -486,6 +567,12 @@ def main() -> None:
                 r["mlfs cold load_file (mount + load)"] / r["mlfs cold load_file, store uncompressed (mount + load)"],
             "cpu/GiB cold mlfs, store uncompressed (mount + reader)":
                 r["mlfs cold load_file, store uncompressed cpu (mount + reader)"] / gib,
+            "sharded (4 shards) cold vs s5cmd + load":
+                r["sharded: mlfs cold (mount + load)"] / r["sharded: s5cmd + load"],
+            "sharded (4 shards) cold vs Run:ai":
+                r["sharded: mlfs cold (mount + load)"] / r["sharded: runai stream"],
+            "sharded cold: next shard ahead / MLFS_NEXT_SHARD=0":
+                r["sharded: mlfs cold (mount + load)"] / r["sharded: mlfs cold (mount + load), MLFS_NEXT_SHARD=0"],
             "cold safe_open vs s5cmd + load": r["mlfs cold safe_open (mount + load)"] / r["s5cmd + load_file"],
             "cold --prefetch all vs s5cmd + load": r["mlfs cold load_file --prefetch all (mount + load)"] / r["s5cmd + load_file"],
             "warm vs local disk (in-process load times, medians of the rounds)":

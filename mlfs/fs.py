@@ -637,11 +637,14 @@ class Operations(pyfuse3.Operations):
             node = self.tree.by_path(nxt.path)
             return key not in self._streams and node is not None and node.entry is nxt
 
+        # What the disk cache lacks, looked up in a worker thread: a stat per chunk, which on
+        # a cold disk would hold up the event loop (and every FUSE request) for a large shard.
+        todo = await trio.to_thread.run_sync(
+            lambda: [i for i in stream_order(nxt, order) if not cache.contains(nxt.chunk_ids[i])])
         async with trio.open_nursery() as n:
-            for i in stream_order(nxt, order):
+            for i in todo:
                 cid, size = nxt.chunk_ids[i], nxt.chunk_sizes[i]
-                if self.source.peek(cid) is not None or self.source.in_flight(cid) \
-                        or cache.contains(cid):
+                if self.source.peek(cid) is not None or self.source.in_flight(cid):
                     continue
                 await slots.acquire()
                 if not current():
