@@ -635,7 +635,8 @@ class Operations(pyfuse3.Operations):
 
         def current() -> bool:
             node = self.tree.by_path(nxt.path)
-            return key not in self._streams and node is not None and node.entry is nxt
+            return (key not in self._streams and node is not None and node.entry is not None
+                    and node.entry.blake3 == nxt.blake3)
 
         # What the disk cache lacks, looked up in a worker thread: a stat per chunk, which on
         # a cold disk would hold up the event loop (and every FUSE request) for a large shard.
