@@ -595,16 +595,21 @@ class Operations(pyfuse3.Operations):
             stream = self._streams[key] = _Stream(self._native(cached, entry))
             self.supervisor.start(f"stream of {entry.path}",
                                   lambda: self._stream(h.inode, entry, order, stream))
-            node = self.tree.by_path(next_shard(entry.path, self._is_file) or "") \
-                if NEXT_SHARD else None
-            if node is not None and node.entry.size <= self.source.cache.max_bytes // 2:
-                nxt = node.entry
+            nxt = self._shard_after(entry)
+            if nxt is not None:
                 self.supervisor.start(f"fetch of {nxt.path} ahead of its load",
                                       lambda: self._next_shard(stream, nxt, det.order))
 
-    def _is_file(self, path: str) -> bool:
-        node = self.tree.by_path(path)
-        return node is not None and not node.is_dir
+    def _shard_after(self, entry: FileEntry) -> FileEntry | None:
+        """The next shard of the checkpoint *entry* is a shard of (mlfs.prefetch.next_shard), if
+        the mounted tree has it, it fits in half the cache (a stream's own rule) and fetching
+        ahead is on."""
+        def entry_at(path: str) -> FileEntry | None:
+            node = self.tree.by_path(path)
+            return None if node is None else node.entry
+        path = next_shard(entry.path, lambda p: entry_at(p) is not None) if NEXT_SHARD else None
+        nxt = entry_at(path) if path else None
+        return nxt if nxt is not None and nxt.size <= self.source.cache.max_bytes // 2 else None
 
     async def _next_shard(self, stream: _Stream, nxt: FileEntry, order: str) -> None:
         """Fetch the shard a loader takes next into the disk cache, in the order it goes in,
