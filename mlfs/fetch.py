@@ -117,7 +117,7 @@ class ChunkSource:
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mlfs-cache-write")
         self._write_slots = threading.BoundedSemaphore(16)
         # Chunks the kernel's page cache holds (mlfs.fs pushed them) leave memory once the disk
-        # cache has them too (drop_pushed).  Fetch threads and cache writers change these sets,
+        # cache has them too (drop_when_cached).  Fetch threads and cache writers change these sets,
         # the trio thread reads them; single set operations are atomic under the GIL.
         self._writing: set[str] = set()  # fetched, waiting for their admission to the disk cache
         self._unadmitted: set[str] = set()  # fetched, refused by the disk cache, in memory
@@ -148,13 +148,14 @@ class ChunkSource:
             self._lru_size -= len(data)
             self._unadmitted.discard(chunk_id)
 
-    def drop_pushed(self, chunk_id: str) -> None:
-        """*chunk_id* is in the kernel's page cache now, which serves the reads it will get: drop
-        it from memory, at once if it came from the disk cache, else as soon as the disk cache
-        has admitted it (a read the page cache misses then finds it on disk, never needing a
-        second GET); never if the disk cache refused it.
+    def drop_when_cached(self, chunk_id: str) -> None:
+        """No read will want *chunk_id* from memory: it is in the kernel's page cache now (a
+        push), or it was fetched for the disk cache alone (a shard fetched ahead of its load).
+        Drop it from memory, at once if it came from the disk cache, else as soon as the disk
+        cache has admitted it (a read the page cache misses then finds it on disk, never needing
+        a second GET); never if the disk cache refused it.
 
-        Kept, it was a second copy of bytes the page cache holds, and every chunk of a load
+        A pushed chunk kept was a second copy of bytes the page cache holds, and every chunk of a load
         after the first ``--memory`` worth landed in fresh memory: page faults were ~10% of the
         mount's CPU in a cold load.  Dropped, its memory is used again by the next chunk
         (docs/adr/0024)."""
@@ -348,4 +349,5 @@ class ChunkSource:
             "retries": self.store.retries if self.store else 0,
             "prefetched_bytes": c.prefetched_bytes, "streamed_bytes": c.streamed_bytes,
             "memory_bytes": self._lru_size, "inflight_bytes": self._budget.used,
+            "cache_writes_pending": len(self._writing),
         }

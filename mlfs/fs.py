@@ -65,7 +65,7 @@ PUSH = os.environ.get("MLFS_PUSH", "1") != "0"
 #: A read of a few pages of a chunk read whole before reads only their blocks (ChunkCache.get_part,
 #: docs/adr/0026) unless ``MLFS_PART_READS=0`` (for comparisons).
 PART_READS = os.environ.get("MLFS_PART_READS", "1") != "0"
-#: A pushed chunk leaves the memory LRU once the disk cache has it (ChunkSource.drop_pushed,
+#: A pushed chunk leaves the memory LRU once the disk cache has it (ChunkSource.drop_when_cached,
 #: docs/adr/0024) unless ``MLFS_KEEP_PUSHED=1`` (for comparisons).
 KEEP_PUSHED = os.environ.get("MLFS_KEEP_PUSHED") == "1"
 #: Chunks that read-ahead brought (the rest of a tensor a reader is deep in, sequential
@@ -632,6 +632,9 @@ class Operations(pyfuse3.Operations):
             try:
                 await self.source.get(cid, size, background=True)
                 brought += size
+                # Wanted from the disk cache, where the shard's stream will read it: in memory
+                # it would push out what the current shard's stream holds for its reader.
+                self.source.drop_when_cached(cid)
             except MlfsError as e:  # the read that needs the chunk tries again and says so
                 log.warning("fetch of %s ahead of its load: chunk %s: %s", nxt.path, cid[:16], e)
             finally:
@@ -900,7 +903,7 @@ class Operations(pyfuse3.Operations):
         if stream is not None:
             stream.consumed(i)
         if not KEEP_PUSHED:
-            self.source.drop_pushed(entry.chunk_ids[i])
+            self.source.drop_when_cached(entry.chunk_ids[i])
         return True
 
     def _pages(self, entry: FileEntry, i: int, data) -> list[tuple[int, object]]:

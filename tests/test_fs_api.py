@@ -441,16 +441,16 @@ def test_a_pushed_chunk_leaves_memory_once_the_disk_cache_has_it(model, tmp_path
     async def go(n):
         for cid, size in ((a, sizes[0]), (b, sizes[1])):
             await source.get(cid, size)
-            source.drop_pushed(cid)
+            source.drop_when_cached(cid)
         await until(lambda: source.counters.uncached_chunks == 1)
-        source.drop_pushed(b)
+        source.drop_when_cached(b)
         assert source.peek(a) is not None  # not on disk yet: still the only copy here
         assert source.peek(b) is not None  # never on disk
         writing.set()
         await until(lambda: source.peek(a) is None)
         assert bytes(await source.get(a, sizes[0])) == blob[:sizes[0]]  # from the disk cache
         assert source.counters.disk_hits == 1
-        source.drop_pushed(a)  # came from disk: leaves at once
+        source.drop_when_cached(a)  # came from disk: leaves at once
         assert source.peek(a) is None
         assert source.peek(b) is not None
     run(go)
