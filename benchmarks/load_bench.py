@@ -57,10 +57,11 @@ PARTIAL = ("import sys,time,random,torch; from safetensors import safe_open; t=t
            "        f.get_tensor(k).clone()\n"
            "        first = first or time.perf_counter() - t\n"
            "print(first, time.perf_counter() - t)")
+# Run:ai's streamer, S3 → memory, of one file or several (its stream_file is stream_files of one).
 RUNAI = ("import sys,time,torch; from runai_model_streamer import SafetensorsStreamer\n"
          "t=time.perf_counter()\n"
          "with SafetensorsStreamer() as s:\n"
-         "    s.stream_file(sys.argv[1]); d={k: v.clone() for k, v in s.get_tensors()}\n"
+         "    s.stream_files(sys.argv[1:]); d={k: v.clone() for k, v in s.get_tensors()}\n"
          "print(time.perf_counter()-t)")
 # A sharded checkpoint as transformers loads it: shard after shard, in the index's order.
 LOAD_SHARDS = ("import sys,os,json,time,torch; from safetensors.torch import load_file\n"
@@ -69,11 +70,6 @@ LOAD_SHARDS = ("import sys,os,json,time,torch; from safetensors.torch import loa
                "sd={}\n"
                "for f in sorted(set(idx['weight_map'].values())):\n"
                "    sd.update({k: v.clone() for k, v in load_file(os.path.join(d, f)).items()})\n"
-               "print(time.perf_counter()-t)")
-RUNAI_FILES = ("import sys,time,torch; from runai_model_streamer import SafetensorsStreamer\n"
-               "t=time.perf_counter()\n"
-               "with SafetensorsStreamer() as s:\n"
-               "    s.stream_files(sys.argv[1:]); d={k: v.clone() for k, v in s.get_tensors()}\n"
                "print(time.perf_counter()-t)")
 TRANSFORMERS = ("import sys,time,torch; from transformers import AutoModel; t=time.perf_counter(); "
                 "m=AutoModel.from_pretrained(sys.argv[1]); print(time.perf_counter()-t)")
@@ -169,7 +165,7 @@ def make_llm(d: Path, size: int) -> tuple[Path, Path]:
 
 
 def make_shards(model: Path, d: Path, n: int) -> Path:
-    """*model* cut into *n* shards in file order, named and indexed as transformers writes them
+    """*model* cut into *n* shards in name order, named and indexed as transformers writes them
     (``model-0000k-of-0000n.safetensors``, ``model.safetensors.index.json``)."""
     from safetensors import safe_open
     from safetensors.numpy import save_file
@@ -364,7 +360,7 @@ def main() -> None:
             add(shards, "sharded: s5cmd + load", time.perf_counter() - t)
             drop_caches()
             t = time.perf_counter()
-            run_py(RUNAI_FILES, *[f"s3://bench/shards/{f}" for f in shard_names], env=env)
+            run_py(RUNAI, *[f"s3://bench/shards/{f}" for f in shard_names], env=env)
             add(shards, "sharded: runai stream", time.perf_counter() - t)
             for kind, extra in (("", {}), (", MLFS_NEXT_SHARD=0", {"MLFS_NEXT_SHARD": "0"})):
                 shutil.rmtree(work / "cache-shards", ignore_errors=True)

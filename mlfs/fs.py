@@ -601,9 +601,9 @@ class Operations(pyfuse3.Operations):
                                       lambda: self._next_shard(stream, nxt, det.order))
 
     def _shard_after(self, entry: FileEntry) -> FileEntry | None:
-        """The next shard of the checkpoint *entry* is a shard of (mlfs.prefetch.next_shard), if
-        the mounted tree has it, it fits in half the cache (a stream's own rule) and fetching
-        ahead is on."""
+        """The entry of the shard after *entry* (mlfs.prefetch.next_shard), if the mounted tree
+        has it, it fits in half the cache (a stream's own rule) and fetching ahead is on; else
+        None."""
         def entry_at(path: str) -> FileEntry | None:
             node = self.tree.by_path(path)
             return None if node is None else node.entry
