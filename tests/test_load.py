@@ -214,13 +214,13 @@ def test_a_warm_load_is_streamed_in_c_and_survives_damaged_and_missing_cache_fil
 
 # transformers' own loader, in a process of its own: every parameter's bytes, hashed.
 TRANSFORMERS_LOADER = """
-import hashlib, json, os, sys
+import hashlib, json, os, sys, torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 print(json.dumps({k: hashlib.sha256(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
                   for k, v in m.state_dict().items()}))
-""".replace("import hashlib", "import torch, hashlib")
+"""
 
 
 def test_a_sharded_checkpoint_loads_with_each_next_shard_fetched_ahead(store, mounter, tmp_path):
@@ -228,7 +228,7 @@ def test_a_sharded_checkpoint_loads_with_each_next_shard_fetched_ahead(store, mo
     the load of one shard is recognised, the mount fetches the next into the disk cache before
     the loader opens it (docs/adr/0033).  The parameters are the local copy's, and no chunk is
     fetched twice."""
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
