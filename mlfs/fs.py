@@ -617,8 +617,9 @@ class Operations(pyfuse3.Operations):
         not share the link while the loader waits for the first), at most
         ``STREAM_CONCURRENCY`` chunks at a time, as background work.  Stops when the shard's
         own load is recognised (its stream takes over and pushes what is in flight here), when
-        the mount switches to a version without it, or when the stream was stopped by a close
-        before the file's end (no whole-checkpoint load after all)."""
+        the mount switches to a version without it, when the stream was stopped by a close
+        before the file's end (no whole-checkpoint load after all), or at the first chunk that
+        cannot be had (said once; the read that needs it tries again and reports it)."""
         await stream.issued.wait()
         key = (nxt.path, nxt.blake3)
         if not stream.whole or key in self._streams:
@@ -626,6 +627,7 @@ class Operations(pyfuse3.Operations):
         cache = self.source.cache
         slots = stream.slots
         started, brought = trio.current_time(), 0
+        failed: list[str] = []
 
         async def one(cid: str, size: int) -> None:
             nonlocal brought
@@ -635,16 +637,19 @@ class Operations(pyfuse3.Operations):
                 # Wanted from the disk cache, where the shard's stream will read it: in memory
                 # it would push out what the current shard's stream holds for its reader.
                 self.source.drop_when_cached(cid)
-            except MlfsError as e:  # the read that needs the chunk tries again and says so
-                log.warning("fetch of %s ahead of its load: chunk %s: %s", nxt.path, cid[:16], e)
+            except MlfsError as e:
+                if not failed:
+                    log.warning("fetch of %s ahead of its load stopped: chunk %s: %s", nxt.path,
+                                cid[:16], e)
+                failed.append(cid)
             finally:
                 self._shard_ahead.discard(cid)
                 slots.release()
 
         def current() -> bool:
             node = self.tree.by_path(nxt.path)
-            return (key not in self._streams and node is not None and node.entry is not None
-                    and node.entry.blake3 == nxt.blake3)
+            return (not failed and key not in self._streams and node is not None
+                    and node.entry is not None and node.entry.blake3 == nxt.blake3)
 
         # What the disk cache lacks, looked up in a worker thread: a stat per chunk, which on
         # a cold disk would hold up the event loop (and every FUSE request) for a large shard.

@@ -578,6 +578,25 @@ def test_a_loader_opening_the_next_shard_while_it_is_fetched_ahead_reads_exact_b
     assert ops.source.counters.bytes_fetched == sum(chunks.values())  # each chunk once
 
 
+def test_the_fetch_ahead_stops_at_the_first_chunk_the_store_lacks(shards, tmp_path, caplog):
+    """A store that lost chunks of shard 2: the fetch ahead says so once and stops (the read
+    that needs a lost chunk reports it), instead of a warning per chunk."""
+    store, m, data = shards
+    s1, s2, _ = sorted(data)
+    f2 = _file(m, s2)
+    lost = f2.chunk_ids[len(f2.chunk_ids) // 2:]
+    for cid in lost:
+        store.delete_chunk(cid)
+    order = sorted(_file(m, s1).tensors, key=lambda n: _file(m, s1).tensors[n][0])
+    ops, _ = load_shards(store, m, data, tmp_path, [(s1, order)])
+    warned = [r for r in caplog.records if "ahead of its load" in r.getMessage()]
+    assert len(warned) == 1 and "stopped" in warned[0].getMessage()
+    assert ops.shards_ahead == 1  # what came before the loss is in the disk cache
+    assert all(ops.source.cache.contains(c) for c in f2.chunk_ids[:2])
+    # Fetches in flight when the first one failed still end; nothing is started after it.
+    assert ops.source.counters.fetch_errors <= 12  # STREAM_CONCURRENCY
+
+
 def test_a_reader_taking_a_few_tensors_of_a_shard_does_not_pull_the_next(shards, tmp_path):
     store, m, data = shards
     s1, s2, _ = sorted(data)
