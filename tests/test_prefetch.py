@@ -518,7 +518,7 @@ def load_shards(store, m, data, tmp_path, plan, settle=True):
             ops.supervisor.nursery = n
             for path, names in plan:
                 f = next(f for f in m.files if f.path == path)
-                missing[path] = sum(n for c, n in zip(f.chunk_ids, f.chunk_sizes)
+                missing[path] = sum(size for c, size in zip(f.chunk_ids, f.chunk_sizes)
                                     if not cache.contains(c))
                 attr = await ops.lookup(ROOT_INODE, path.encode())
                 fh = (await ops.open(attr.st_ino, os.O_RDONLY, None)).fh
@@ -543,22 +543,28 @@ def _file(m, path):
     return next(f for f in m.files if f.path == path)
 
 
+def _in_file_order(m, path):
+    """The tensors of *path*, in the order a ``load_file``-style loader finishes them."""
+    tensors = _file(m, path).tensors
+    return sorted(tensors, key=lambda n: tensors[n][0])
+
+
 def test_a_shard_s_load_fetches_the_next_shard_ahead_of_it(shards, tmp_path):
     """A loader taking shard 1 whole: once its load is recognised and streamed, shard 2 comes
     into the disk cache before the loader opens it — and only shard 2 (one shard ahead).  The
     load of shard 2 then fetches nothing, and fetches shard 3 ahead in turn."""
     store, m, data = shards
     s1, s2, s3 = sorted(data)
-    order = lambda p: sorted(_file(m, p).tensors, key=lambda n: _file(m, p).tensors[n][0])  # noqa: E731
-    ops, _ = load_shards(store, m, data, tmp_path, [(s1, order(s1))])
+    ops, _ = load_shards(store, m, data, tmp_path, [(s1, _in_file_order(m, s1))])
     cache = ops.source.cache
     assert ops.loads_recognised == 1 and ops.shards_ahead == 1
     assert all(cache.contains(c) for c in _file(m, s2).chunk_ids)
-    assert not any(cache.contains(c) for c in _file(m, s3).chunk_ids[1:])  # its header: prefetch set
+    assert not any(cache.contains(c) for c in _file(m, s3).chunk_ids)
     assert ops.stats()["prefetched_bytes"] >= 0.9 * len(data[s2])
 
     shutil.rmtree(tmp_path / "cache")
-    ops, missing = load_shards(store, m, data, tmp_path, [(s1, order(s1)), (s2, order(s2))])
+    ops, missing = load_shards(store, m, data, tmp_path, [(s1, _in_file_order(m, s1)),
+                                                           (s2, _in_file_order(m, s2))])
     assert missing[s1] > 0 and missing[s2] == 0  # all of shard 2 was there when the loader came
     assert ops.loads_recognised == 2 and ops.shards_ahead == 2
     assert all(ops.source.cache.contains(c) for c in _file(m, s3).chunk_ids)
@@ -570,8 +576,7 @@ def test_a_loader_opening_the_next_shard_while_it_is_fetched_ahead_reads_exact_b
     runs, and its stream takes over (waiting for the chunks in flight).  Exact bytes, and no
     chunk of the checkpoint is fetched twice."""
     store, m, data = shards
-    order = lambda p: sorted(_file(m, p).tensors, key=lambda n: _file(m, p).tensors[n][0])  # noqa: E731
-    ops, _ = load_shards(store, m, data, tmp_path, [(p, order(p)) for p in sorted(data)],
+    ops, _ = load_shards(store, m, data, tmp_path, [(p, _in_file_order(m, p)) for p in sorted(data)],
                          settle=False)
     assert ops.loads_recognised == 3
     chunks = {c: n for f in m.files if f.path in data for c, n in zip(f.chunk_ids, f.chunk_sizes)}
@@ -587,8 +592,7 @@ def test_the_fetch_ahead_stops_at_the_first_chunk_the_store_lacks(shards, tmp_pa
     lost = f2.chunk_ids[len(f2.chunk_ids) // 2:]
     for cid in lost:
         store.delete_chunk(cid)
-    order = sorted(_file(m, s1).tensors, key=lambda n: _file(m, s1).tensors[n][0])
-    ops, _ = load_shards(store, m, data, tmp_path, [(s1, order)])
+    ops, _ = load_shards(store, m, data, tmp_path, [(s1, _in_file_order(m, s1))])
     warned = [r for r in caplog.records if "ahead of its load" in r.getMessage()]
     assert len(warned) == 1 and "stopped" in warned[0].getMessage()
     assert ops.shards_ahead == 1  # what came before the loss is in the disk cache
@@ -607,14 +611,13 @@ def test_a_reader_taking_a_few_tensors_of_a_shard_does_not_pull_the_next(shards,
 
 
 def test_without_next_shard_the_shards_are_fetched_only_when_read(shards, tmp_path, monkeypatch):
-    """The A/B switch (MLFS_NEXT_SHARD=0) turns the fetch ahead off; the assertion above then
-    fails, which shows it tests the fetch ahead and not the stream."""
+    """With the fetch ahead off (``MLFS_NEXT_SHARD=0``, the A/B switch) the same load leaves
+    shard 2 alone: the tests above see the fetch ahead, not the stream of shard 1."""
     import mlfs.fs
 
     monkeypatch.setattr(mlfs.fs, "NEXT_SHARD", False)
     store, m, data = shards
     s1, s2, _ = sorted(data)
-    order = sorted(_file(m, s1).tensors, key=lambda n: _file(m, s1).tensors[n][0])
-    ops, _ = load_shards(store, m, data, tmp_path, [(s1, order)])
+    ops, _ = load_shards(store, m, data, tmp_path, [(s1, _in_file_order(m, s1))])
     assert ops.loads_recognised == 1 and ops.shards_ahead == 0
     assert not any(ops.source.cache.contains(c) for c in _file(m, s2).chunk_ids)
