@@ -582,7 +582,7 @@ class Operations(pyfuse3.Operations):
             while len(self._loads) > TENSOR_INDEX_FILES:
                 self._loads.popitem(last=False)
         if det.observe(start, end) and self.nursery is not None:
-            if entry.size > self.source.cache.max_bytes // 2:
+            if not self._fits_stream(entry):
                 log.info("load of %s recognised, but it is over half the cache: not streamed",
                          entry.path)
                 return
@@ -600,16 +600,23 @@ class Operations(pyfuse3.Operations):
                 self.supervisor.start(f"fetch of {nxt.path} ahead of its load",
                                       lambda: self._next_shard(stream, nxt, det.order))
 
+    def _fits_stream(self, entry: FileEntry) -> bool:
+        """A file is streamed (or fetched ahead) only if it takes at most half the cache."""
+        return entry.size <= self.source.cache.max_bytes // 2
+
+    def _entry_at(self, path: str) -> FileEntry | None:
+        """The file at *path* in the mounted tree (None: no such file, or a directory)."""
+        node = self.tree.by_path(path)
+        return None if node is None else node.entry
+
     def _shard_after(self, entry: FileEntry) -> FileEntry | None:
         """The entry of the shard after *entry* (mlfs.prefetch.next_shard), if the mounted tree
         has it, it fits in half the cache (a stream's own rule) and fetching ahead is on; else
         None."""
-        def entry_at(path: str) -> FileEntry | None:
-            node = self.tree.by_path(path)
-            return None if node is None else node.entry
-        path = next_shard(entry.path, lambda p: entry_at(p) is not None) if NEXT_SHARD else None
-        nxt = entry_at(path) if path else None
-        return nxt if nxt is not None and nxt.size <= self.source.cache.max_bytes // 2 else None
+        path = next_shard(entry.path, lambda p: self._entry_at(p) is not None) if NEXT_SHARD \
+            else None
+        nxt = self._entry_at(path) if path else None
+        return nxt if nxt is not None and self._fits_stream(nxt) else None
 
     async def _next_shard(self, stream: _Stream, nxt: FileEntry, order: str) -> None:
         """Fetch the shard a loader takes next into the disk cache, in the order it goes in,
@@ -647,9 +654,9 @@ class Operations(pyfuse3.Operations):
                 slots.release()
 
         def current() -> bool:
-            node = self.tree.by_path(nxt.path)
-            return (not failed and key not in self._streams and node is not None
-                    and node.entry is not None and node.entry.blake3 == nxt.blake3)
+            now = self._entry_at(nxt.path)
+            return (not failed and key not in self._streams and now is not None
+                    and now.blake3 == nxt.blake3)
 
         # What the disk cache lacks, looked up in a worker thread: a stat per chunk, which on
         # a cold disk would hold up the event loop (and every FUSE request) for a large shard.
