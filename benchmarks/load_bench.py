@@ -15,7 +15,9 @@ with s5cmd beside it; the same model in 4 shards loaded shard after shard (s5cmd
 mlfs with and without the next shard fetched ahead); and a loopback pass (s3rver on 127.0.0.1) against Run:ai.  Cold figures are whole wall times as a user meets them: mount start plus the loading
 process (interpreter and torch start included), s5cmd's download plus the same process, Run:ai's
 process, each the median of ``MLFS_BENCH_COLD_ROUNDS`` (3) interleaved rounds; warm and hot compare
-the load timed inside the process with the local disk's.  Then MiniLM through ``transformers.AutoModel.from_pretrained``.  Ratios are within
+the load timed inside the process with the local disk's; hot loads after one page in 100 was
+dropped from the page cache compare the mount, with and without its mend (docs/adr/0034), with the
+local disk.  Then MiniLM through ``transformers.AutoModel.from_pretrained``.  Ratios are within
 this run; absolute times move up to 2x between runs on this VM.  Needs root.
 """
 
@@ -97,7 +99,23 @@ def run_py(code: str, *args: str, env=None) -> tuple[list[float], float]:
 
 
 WARM_ROUNDS = 5
+#: The dropped-pages pass drops one page in this many.
+HOLE_EVERY = 100
 COLD_ROUNDS = int(os.environ.get("MLFS_BENCH_COLD_ROUNDS", "3"))
+
+
+def drop_pages(path: Path, every: int) -> None:
+    """Drop one page in *every* of *path* from the page cache (``POSIX_FADV_DONTNEED``).  The file
+    is opened first and left alone for a moment: through the mount that open has its own mend
+    (docs/adr/0034), which must find nothing to fill yet."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        time.sleep(0.3)
+        page = os.sysconf("SC_PAGE_SIZE")
+        for p in range(7, os.fstat(fd).st_size // page, every):
+            os.posix_fadvise(fd, p * page, page, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def add(rounds: dict[str, list[float]], key: str, value: float) -> None:
@@ -423,6 +441,26 @@ def main() -> None:
             add(rounds, "mlfs hot load_file", run_py(LOAD_FILE, w.mnt / "model.safetensors")[0][0])
             w.close()
         medians(r, rounds, "mlfs warm load_file", "local load_file", "warm vs local")
+        # Hot loads after the kernel let go of scattered pages (memory pressure; this VM's DAMON
+        # pageout scheme does it within seconds): the same pages dropped from the local copy and
+        # from the mounted file, and the mount with and without its mend (docs/adr/0034).
+        log(f"hot with 1 page in {HOLE_EVERY} dropped, {COLD_ROUNDS} rounds")
+        hmounts = {k: Mount(work / f"mnt-holes-{k}", work / "cache-load_file", "--store", store,
+                            "--id", "llm", "--version", "v1", env={**env, "MLFS_MEND": k})
+                   for k in ("1", "0")}
+        mounts.extend(hmounts.values())
+        holes: dict[str, list[float]] = {}
+        for n in range(COLD_ROUNDS):
+            for name, f in (("local", path1), *((f"mlfs, MLFS_MEND={k}", m.mnt / "model.safetensors")
+                                                for k, m in hmounts.items())):
+                run_py(LOAD_FILE, f)  # every page in
+                drop_pages(f, HOLE_EVERY)
+                add(holes, f"{name} hot load_file, 1 page in {HOLE_EVERY} dropped",
+                    run_py(LOAD_FILE, f)[0][0])
+        for k, v in holes.items():
+            r[k] = statistics.median(v)
+        for m in hmounts.values():
+            m.close()
         # v2 after v1 on the same host: a mount at v1 over v1's cache (a copy of the cold pass's),
         # switched to v2, then loaded; COLD_ROUNDS rounds of each switch, interleaved, medians
         # (one round moved by 0.3 s with the disk in earlier runs).
@@ -575,6 +613,12 @@ def main() -> None:
                 r["mlfs warm load_file"] / r["local load_file"],
             "hot vs local hot (in-process load times, medians of the rounds)":
                 r["mlfs hot load_file"] / r["local hot load_file"],
+            f"hot, 1 page in {HOLE_EVERY} dropped, vs local hot (the same pages dropped)":
+                r[f"mlfs, MLFS_MEND=1 hot load_file, 1 page in {HOLE_EVERY} dropped"]
+                / r[f"local hot load_file, 1 page in {HOLE_EVERY} dropped"],
+            f"hot, 1 page in {HOLE_EVERY} dropped: mend / MLFS_MEND=0":
+                r[f"mlfs, MLFS_MEND=1 hot load_file, 1 page in {HOLE_EVERY} dropped"]
+                / r[f"mlfs, MLFS_MEND=0 hot load_file, 1 page in {HOLE_EVERY} dropped"],
             "v2 after v1 vs max(delta / link, warm), whole processes": r["mlfs v2 after v1 (switch + load)"] / max(
                 delta * 8 / (args.mbit * 1e6), r["mlfs warm load_file, whole process"]),
             "v2 after v1, switch --warm, vs max(delta / link, warm)":

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import trio
 
 from . import config
-from .cache import ChunkCache
+from .cache import BLOCK, ChunkCache
 from .errors import MlfsError, StoreError
 from .stores import Store
 
@@ -36,6 +36,9 @@ log = logging.getLogger("mlfs.fetch")
 
 #: Disk cache loads at once.  Background loads take at most all but one of them (docs/adr/0023).
 DISK_THREADS = 4
+#: Chunks smaller than this get no block checksums from the C stream (Operations._native_job):
+#: get_parts reads a part of one by reading it whole.
+SMALL_WHOLE = 4 * BLOCK
 #: Block reads (docs/adr/0026) of at most this many bytes are done on the event loop itself
 #: while the disk cache has nothing else to do: a hand-off to a worker thread and back cost more
 #: than the read (docs/adr/0028).  ``MLFS_INLINE_PART_READS=0`` sends them all to threads.
@@ -262,6 +265,27 @@ class ChunkSource:
             return data
         async with self._disk_limiter:
             return await trio.to_thread.run_sync(self.cache.get_part, chunk_id, size, start, end)
+
+    async def get_parts(self, wanted: list[tuple[str, int, int, int]]) -> list[memoryview | None]:
+        """For each ``(chunk id, size, start, end)`` of *wanted*, bytes ``[start, end)`` read and
+        checked block by block from the disk cache (as get_part), or None where the chunk's block
+        checksums are not known, even to the cache's index, or a block does not match.  A chunk
+        smaller than SMALL_WHOLE without block checksums is read whole and checked by its seal.  All in one worker thread, as background
+        work: a reader's own miss finds a disk slot free."""
+        def one(cid: str, size: int, a: int, b: int) -> memoryview | None:
+            part = self.cache.get_part(cid, size, a, b, flush=False)
+            if part is None and size < SMALL_WHOLE and not self.cache.has_blocks(cid):
+                whole = self.cache.get(cid, size)
+                part = None if whole is None else whole[a:b]
+            return part
+
+        def run() -> list[memoryview | None]:
+            unknown = [w[0] for w in wanted if not self.cache.has_blocks(w[0])]
+            if unknown:
+                self.cache.load_block_sums(unknown)
+            return [one(*w) for w in wanted]
+        async with self.disk_slot():
+            return await trio.to_thread.run_sync(run)
 
     def _cache_get(self, chunk_id: str, size: int | None):
         if size is None:  # a caller without a manifest (mlfs serve): the file says the size

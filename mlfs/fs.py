@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import config, dataplane, directio
+from . import config, dataplane, directio, pagecache
 from .cache import BLOCK, SEAL
 from .client import STATS_XATTR
 from .errors import MlfsError
-from .fetch import ChunkSource
+from .fetch import SMALL_WHOLE, ChunkSource
 from .manifest import FileEntry
 from .prefetch import WARM_RUN, WARM_START_RUN, LoadDetector, next_shard, stream_order
 from .supervise import Supervisor
@@ -76,6 +76,16 @@ PUSH_AHEAD = os.environ.get("MLFS_PUSH_AHEAD", "1") != "0"
 #: into the disk cache (mlfs.prefetch.next_shard, docs/adr/0033) unless ``MLFS_NEXT_SHARD=0``
 #: (for comparisons).
 NEXT_SHARD = os.environ.get("MLFS_NEXT_SHARD", "1") != "0"
+#: When a process opens a file that the page cache holds all but a few pages of (it was loaded
+#: before), the pages the kernel let go of are read back from the disk cache and pushed at once
+#: (Operations._mend, docs/adr/0034), unless ``MLFS_MEND=0`` (for comparisons): each would
+#: otherwise be a FUSE round trip in the loader's time.  Only files of at least MEND_MIN bytes.
+MEND = os.environ.get("MLFS_MEND", "1") != "0"
+MEND_MIN = 4 << 20
+#: Runs of missing pages read back (in one worker thread) and pushed per step of a mend, each of
+#: at most MEND_RUN pages: a step holds at most 8 MiB.
+MEND_BATCH = 32
+MEND_RUN = 64
 #: notify_store calls at once.  One thread spent 0.35-0.41 s of a 0.65 s warm stream of 555 MiB in
 #: them; two brought the stream to 0.55-0.63 s (docs/adr/0019).  Disk threads (4 or 8) did not matter.
 PUSH_THREADS = 2
@@ -224,6 +234,9 @@ class Operations(pyfuse3.Operations):
         #: None: through pyfuse3.notify_store.
         self.fuse_fd: int | None = None
         self.loads_recognised = 0
+        self._mending: set[int] = set()  # inodes whose holes are being filled (_mend)
+        self.mends = 0  # opens that found holes in the page cache and filled them
+        self.mended_bytes = 0
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -359,6 +372,7 @@ class Operations(pyfuse3.Operations):
                 "pushed_bytes": self.pushed_bytes, "push_seconds": round(self.push_seconds, 3),
                 "streamed_in_c": self.native_bytes,
                 "loads_recognised": self.loads_recognised, "shards_ahead": self.shards_ahead,
+                "mends": self.mends, "mended_bytes": self.mended_bytes,
                 "open_files": len(self.handles), "known_inodes": len(self.lookups),
                 "retired_inodes": len(self.retired)}
 
@@ -375,7 +389,139 @@ class Operations(pyfuse3.Operations):
         self.handles[fh] = Handle(inode, node.entry)
         self.opened[inode] = self.opened.get(inode, 0) + 1
         self._load_sums(node.entry)
+        if (self.push and MEND and node.entry is not None and node.entry.size >= MEND_MIN
+                and inode not in self._mending
+                and self.info.get("mountpoint") and self.nursery is not None):
+            # (The mend's own open of the file comes back here while the inode is in _mending.)
+            self._mending.add(inode)
+            entry = node.entry
+            self.supervisor.start(f"filling the page cache's holes in {entry.path}",
+                                  lambda: self._mend(inode, entry))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    async def _mend(self, inode: int, entry: FileEntry) -> None:
+        """Fill the holes the kernel left in the page cache of *inode*, a file it holds almost
+        whole (mlfs.pagecache.holes): read the missing pages' blocks from the disk cache, checked
+        (ChunkSource.get_parts), and push them, in file order, while the opener starts reading.
+        The kernel let go of these pages one by one (memory pressure, or a DAMON ``pageout``
+        scheme); each would otherwise come back as a FUSE read of a page or two, in the loader's
+        time.  Pages whose chunk is not in the disk cache, or whose block checksums are unknown,
+        are left to the reader's faults."""
+        started = time.perf_counter()
+        opened = None
+        try:
+            path = self._path_of(inode)
+            if path is None:
+                return
+            try:
+                opened = await trio.to_thread.run_sync(self._residency, path, inode, entry.size,
+                                                       abandon_on_cancel=True)
+            except OSError as e:  # the mount is going away, or the path is another file by now
+                log.debug("page cache of %s: %s", entry.path, e)
+                return
+            if opened is None:
+                return
+            runs = pagecache.holes(opened[2])
+            runs = [(p, min(MEND_RUN, first + n - p)) for first, n in runs
+                    for p in range(first, first + n, MEND_RUN)]
+            if not runs:
+                return
+            self.mends += 1
+            found = time.perf_counter() - started
+            before = self.mended_bytes
+            for k in range(0, len(runs), MEND_BATCH):
+                # Runs the reader has faulted in meanwhile are passed by (mincore: no I/O).
+                batch = [(p, n) for p, n in runs[k:k + MEND_BATCH]
+                         if 0 in opened[1].resident(p, n)]
+                if not await self._mend_runs(inode, entry, batch):
+                    break
+            log.debug("%s: %d runs of pages were missing from the page cache (found in %.1f ms); "
+                      "%d bytes pushed in %.1f ms", entry.path, len(runs), found * 1e3,
+                      self.mended_bytes - before, (time.perf_counter() - started) * 1e3)
+        finally:
+            self._mending.discard(inode)
+            if opened is not None:  # closing goes through the mount: not on the event loop
+                fd, residency, _ = opened
+                residency.close()
+                await trio.to_thread.run_sync(os.close, fd, abandon_on_cancel=True)
+
+    async def _mend_runs(self, inode: int, entry: FileEntry, runs: list[tuple[int, int]]) -> bool:
+        """Read back and push the pages of *runs* (see _mend); False once pushes fail."""
+        spans = []  # per run: its file offset and the (chunk, start, end) slices it is made of
+        wanted = []  # the slices not in memory: read from the disk cache
+        for first, n in runs:
+            begin = first * PAGE
+            end = min((first + n) * PAGE, entry.size)
+            slices = chunk_slices(entry, begin, end - begin)
+            spans.append((begin, slices))
+            wanted += [(entry.chunk_ids[i], entry.chunk_sizes[i], a, b) for i, a, b in slices
+                       if self.source.peek(entry.chunk_ids[i]) is None]
+        got = dict(zip(wanted, await self.source.get_parts(wanted))) if wanted else {}
+        pieces = []
+        for begin, slices in spans:
+            parts = []
+            for i, a, b in slices:
+                key = (entry.chunk_ids[i], entry.chunk_sizes[i], a, b)
+                part = got[key] if key in got else self._peek_part(entry, i, a, b)
+                if part is None:
+                    break  # left to the reader's fault
+                parts.append(part)
+            else:
+                pieces.append((begin, b"".join(parts)))
+        if not pieces:
+            return True
+        fd = self.fuse_fd
+
+        def store() -> None:
+            for offset, piece in pieces:
+                if fd is None:
+                    pyfuse3.notify_store(inode, offset, piece)
+                else:
+                    dataplane.store(fd, inode, offset, piece)
+        async with self._pusher:
+            try:
+                await trio.to_thread.run_sync(store)
+            except OSError as e:  # the kernel forgot the inode, or the mount is going away
+                log.debug("filling holes of %s: %s", entry.path, e)
+                return False
+        self.mended_bytes += sum(len(p) for _, p in pieces)
+        return True
+
+    def _peek_part(self, entry: FileEntry, i: int, a: int, b: int):
+        data = self.source.peek(entry.chunk_ids[i])  # in memory when listed, but maybe not now
+        return None if data is None else memoryview(data)[a:b]
+
+    def _path_of(self, inode: int) -> str | None:
+        """Where *inode* is in the mount now, or None if the current tree does not hold it."""
+        names = []
+        node = self.tree.nodes.get(inode)
+        while node is not None and node.inode != ROOT_INODE:
+            names.append(node.name)
+            node = self.tree.nodes.get(node.parent)
+        if node is None:
+            return None
+        return os.path.join(self.info["mountpoint"], *reversed(names))
+
+    @staticmethod
+    def _residency(path: str, inode: int,
+                   size: int) -> tuple[int, pagecache.Residency, bytes] | None:
+        """In a worker thread: *path* opened and mapped to ask about its page cache, with what
+        the page cache holds of it now; None if *path* is no longer *inode*.  The open goes
+        through the mount: the event loop answers it while this thread waits."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            if os.fstat(fd).st_ino == inode:
+                residency = pagecache.Residency(fd, size)
+                try:
+                    return fd, residency, residency.resident()
+                except BaseException:
+                    residency.close()
+                    raise
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        return None
 
     def _load_sums(self, entry: FileEntry | None) -> None:
         """Bring the stored block checksums of a model file's chunks into memory, once per file
@@ -880,7 +1026,7 @@ class Operations(pyfuse3.Operations):
         push_from, push_to = (first - off, last - off) if first < last else (0, 0)
         head = min(end, first) - off if off % PAGE else 0
         tail_from = max(off, end // PAGE * PAGE) - off if end % PAGE and end < entry.size else size
-        block = BLOCK if size >= 4 * BLOCK else 0
+        block = BLOCK if size >= SMALL_WHOLE else 0
         return (str(self.source.cache.path(cid)), size, int(cid[:16], 16), block, off,
                 push_from, push_to, head, tail_from, sums_at)
 

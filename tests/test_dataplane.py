@@ -89,12 +89,13 @@ def test_stream_without_pushes_returns_what_the_python_stream_would(cache):
 def test_a_read_claims_a_job_no_thread_has_taken_and_pins_only_verified_ones(cache):
     cid, data = chunk(4 << 20, 3)
     assert cache.put(cid, data)
-    shared, sums = bytearray(3 * 2), bytearray(2 * 32 * 8)
+    blocks = (4 << 20) // BLOCK
+    shared, sums = bytearray(3 * 2), bytearray(2 * blocks * 8)
     assert dataplane.pin(shared, 0) == -1  # queued: nothing to copy from
     assert dataplane.claim(shared, 0) == dataplane.QUEUED  # ... and now the read's
     assert dataplane.claim(shared, 0) == dataplane.CLAIMED
     buffers = [directio.aligned_buffer((4 << 20) + SEAL + 1)]
-    jobs = [job(cache, cid, len(data), 0, len(data), 0), job(cache, cid, len(data), 0, len(data), 256)]
+    jobs = [job(cache, cid, len(data), 0, len(data), 0), job(cache, cid, len(data), 0, len(data), blocks * 8)]
     results, _ = dataplane.stream(-1, 1, jobs, [v for _, v in buffers], 1 << 20, shared, sums)
     assert [r[0] for r in results] == [dataplane.TAKEN, dataplane.OK]
     assert dataplane.claim(shared, 1) == dataplane.DONE and dataplane.pin(shared, 1) == -1

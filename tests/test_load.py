@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import generate_into, require
+from conftest import generate_into, require, wait_for
 
 # A loader: safe_open + get_tensor of every tensor in key order (mmap underneath), each tensor's
 # bytes hashed and dropped, so that the process itself holds little memory.
@@ -252,3 +252,136 @@ def test_a_sharded_checkpoint_loads_with_each_next_shard_fetched_ahead(store, mo
     assert s["shards_ahead"] >= 1, {k: s[k] for k in ("loads_recognised", "shards_ahead",
                                                       "streamed_bytes", "prefetched_bytes")}
     assert s["bytes_fetched"] <= sum(p.stat().st_size for p in d.iterdir())
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def load(path: Path, want: dict) -> None:
+    p = subprocess.run([sys.executable, "-c", LOADER, str(path)], capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == want
+
+
+class Holed:
+    """The model through a mount, with a descriptor opened before anything was read (its own
+    open found nothing to mend) that asks the kernel what the page cache holds (``mincore`` via
+    mlfs.pagecache.Residency: no open, so no mend of its own, unlike ``fincore``)."""
+
+    def __init__(self, mnt, want: dict) -> None:
+        from mlfs.pagecache import Residency
+
+        self.mnt, self.want = mnt, want
+        self.path = mnt.mountpoint / "model.safetensors"
+        self.size = self.path.stat().st_size
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self.residency = Residency(self.fd, self.size)
+        self.dropped: list[int] = []
+
+    def held(self) -> int:
+        """Pages of the file in the page cache."""
+        return self.residency.resident().count(1)
+
+    def load_and_drop(self, every: int = 37) -> None:
+        """Load the model whole, then drop one page in *every* from the page cache, as memory
+        pressure (or this VM's DAMON pageout scheme) does."""
+        load(self.path, self.want)
+        pages = -(-self.size // PAGE)
+        wait_for(lambda: self.held() > pages * 0.95, what="the load's pages in")
+        self.dropped = list(range(3, self.size // PAGE, every))
+        for p in self.dropped:
+            os.posix_fadvise(self.fd, p * PAGE, PAGE, os.POSIX_FADV_DONTNEED)
+        assert self.held() <= pages - len(self.dropped) // 2
+
+    def close(self) -> None:
+        self.residency.close()
+        os.close(self.fd)
+
+
+def test_pages_the_kernel_let_go_of_are_put_back_when_the_file_is_opened_again(llm, mounter,
+                                                                               tmp_path):
+    """A file the page cache holds all but a few scattered pages of (it was loaded, then memory
+    pressure took pages) is mended when a process opens it: the missing pages are read back from
+    the disk cache, checked, and pushed at once (docs/adr/0034).  The next load then finds them
+    in the page cache instead of asking for each in a FUSE read of its own.  Exact bytes."""
+    man, want = llm
+    h = Holed(mounter("--manifest", man, "--cache-dir", tmp_path / "c"), want)
+    try:
+        h.load_and_drop()
+        before = h.mnt.stats()
+        with open(h.path, "rb"):
+            wait_for(lambda: h.mnt.stats()["mended_bytes"] - before["mended_bytes"]
+                     >= len(h.dropped) * PAGE * 0.9, what="the holes filled")
+        s = h.mnt.stats()
+        assert s["mends"] == before["mends"] + 1
+        assert h.held() > -(-h.size // PAGE) - len(h.dropped) // 4
+        load(h.path, want)
+        # Without the mend every dropped page is a FUSE read of at least a page (MLFS_MEND=0
+        # fails here); the page cache may lose a few pages again meanwhile.
+        assert h.mnt.stats()["bytes_served"] - s["bytes_served"] < len(h.dropped) * PAGE // 4
+    finally:
+        h.close()
+
+
+def test_a_file_read_only_in_part_is_not_pulled_in_when_opened_again(llm, mounter, tmp_path):
+    """Laziness: a file a reader took a few tensors of has most of its pages missing.  Those are
+    not holes to fill (pagecache.MOSTLY): opening it again brings nothing."""
+    man, want = llm
+    mnt = mounter("--manifest", man, "--cache-dir", tmp_path / "c")
+    path = mnt.mountpoint / "model.safetensors"
+    h = Holed(mnt, want)
+    try:
+        p = subprocess.run([sys.executable, "-c", PARTIAL, str(path), "5"], capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        held = h.held()
+        assert 0 < held < h.size / PAGE / 2
+        with open(path, "rb"):
+            import time
+
+            time.sleep(1)
+            assert h.held() <= held + 64  # nothing pushed (a page fault's read-around aside)
+            load(path, want)  # a whole load after it: its open, too, finds nothing to mend
+        s = mnt.stats()
+        assert s["mends"] == 0 and s["mended_bytes"] == 0
+    finally:
+        h.close()
+
+
+def test_a_damaged_block_under_a_hole_is_left_to_the_reader_and_fetched_again(llm, mounter,
+                                                                              tmp_path):
+    """A hole whose block in the disk cache does not match its checksum is not filled from it:
+    the mend pushes the other holes, and the reader's own fault of that page finds the chunk
+    file damaged (its seal), removes it and fetches the chunk from the store.  Exact bytes."""
+    from mlfs.cache import ChunkCache
+    from mlfs.manifest import loads
+
+    man, want = llm
+    h = Holed(mounter("--manifest", man, "--cache-dir", tmp_path / "c"), want)
+    try:
+        h.load_and_drop()
+        entry = next(f for f in loads(Path(man).read_bytes()).files
+                     if f.path == "model.safetensors")
+        page = next(p for p in h.dropped[len(h.dropped) // 2:] if any(
+            o <= p * PAGE and (p + 1) * PAGE <= o + s and s > 1 << 20
+            for o, s in zip(entry.offsets, entry.chunk_sizes)))
+        i = max(k for k, o in enumerate(entry.offsets) if o <= page * PAGE)
+        damaged = ChunkCache(tmp_path / "c", 1 << 30).path(entry.chunk_ids[i])
+        with open(damaged, "r+b") as f:
+            at = page * PAGE - entry.offsets[i] + 100
+            f.seek(at)
+            b = f.read(1)
+            f.seek(at)
+            f.write(bytes([b[0] ^ 0xFF]))
+        before = h.mnt.stats()
+        with open(h.path, "rb"):
+            wait_for(lambda: h.mnt.stats()["mended_bytes"] - before["mended_bytes"]
+                     >= (len(h.dropped) - 1) * PAGE * 0.9, what="the other holes filled")
+            assert h.residency.resident(page, 1) == b"\x00"  # not from the damaged block
+            load(h.path, want)
+        s = h.mnt.stats()
+        assert s["corrupt_cache_files"] == before["corrupt_cache_files"] + 1
+        assert s["chunks_fetched"] > before["chunks_fetched"] and s["fetch_errors"] == 0
+    finally:
+        h.close()
