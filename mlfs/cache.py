@@ -333,7 +333,7 @@ class ChunkCache:
     # A page the kernel dropped from a mounted file (memory pressure, or whatever evicts single
     # pages on this VM: docs/adr/0026) comes back as a FUSE read of 4-256 KiB.  Loading its whole
     # 4 MiB chunk to check the seal took 3-5 ms per page; a chunk this process has read whole once
-    # is remembered as 8-byte checksums per 128 KiB block, and such a read then reads and checks
+    # is remembered as 8-byte checksums per block (BLOCK), and such a read then reads and checks
     # only its blocks.  Only where seals are trusted (a private cache directory): elsewhere
     # every load is re-hashed with blake3, and so are whole chunks only.
     @staticmethod

@@ -421,7 +421,8 @@ class Operations(pyfuse3.Operations):
                 return
             if opened is None:
                 return
-            runs = pagecache.holes(opened[2])
+            residency, pages = opened[1], opened[2]
+            runs = pagecache.holes(pages)
             runs = [(p, min(MEND_RUN, first + n - p)) for first, n in runs
                     for p in range(first, first + n, MEND_RUN)]
             if not runs:
@@ -431,8 +432,7 @@ class Operations(pyfuse3.Operations):
             before = self.mended_bytes
             for k in range(0, len(runs), MEND_BATCH):
                 # Runs the reader has faulted in meanwhile are passed by (mincore: no I/O).
-                batch = [(p, n) for p, n in runs[k:k + MEND_BATCH]
-                         if 0 in opened[1].resident(p, n)]
+                batch = [(p, n) for p, n in runs[k:k + MEND_BATCH] if 0 in residency.resident(p, n)]
                 if not await self._mend_runs(inode, entry, batch):
                     break
             log.debug("%s: %d runs of pages were missing from the page cache (found in %.1f ms); "
@@ -441,9 +441,8 @@ class Operations(pyfuse3.Operations):
         finally:
             self._mending.discard(inode)
             if opened is not None:  # closing goes through the mount: not on the event loop
-                fd, residency, _ = opened
-                residency.close()
-                await trio.to_thread.run_sync(os.close, fd, abandon_on_cancel=True)
+                opened[1].close()
+                await trio.to_thread.run_sync(os.close, opened[0], abandon_on_cancel=True)
 
     async def _mend_runs(self, inode: int, entry: FileEntry, runs: list[tuple[int, int]]) -> bool:
         """Read back and push the pages of *runs* (see _mend); False once pushes fail."""
@@ -470,20 +469,8 @@ class Operations(pyfuse3.Operations):
                 pieces.append((begin, b"".join(parts)))
         if not pieces:
             return True
-        fd = self.fuse_fd
-
-        def store() -> None:
-            for offset, piece in pieces:
-                if fd is None:
-                    pyfuse3.notify_store(inode, offset, piece)
-                else:
-                    dataplane.store(fd, inode, offset, piece)
-        async with self._pusher:
-            try:
-                await trio.to_thread.run_sync(store)
-            except OSError as e:  # the kernel forgot the inode, or the mount is going away
-                log.debug("filling holes of %s: %s", entry.path, e)
-                return False
+        if not await self._store(inode, pieces, entry.path):
+            return False
         self.mended_bytes += sum(len(p) for _, p in pieces)
         return True
 
@@ -1032,15 +1019,27 @@ class Operations(pyfuse3.Operations):
 
     async def _push(self, stream: _Stream | None, inode: int, entry: FileEntry, i: int,
                     data) -> bool:
-        """Store chunk *i* of *entry* in the kernel's page cache for *inode*.  In a worker thread:
-        the kernel may be holding some of those pages locked for a read only the event loop can
-        answer.  A pushed chunk no longer counts against the stream's lead (the page cache holds
+        """Store chunk *i* of *entry* in the kernel's page cache for *inode* (_store).  A pushed
+        chunk no longer counts against the stream's lead (the page cache holds
         it, and the reader's faults will not ask this process for it).  *stream* is None for a
         chunk read-ahead brought.  True if it was pushed."""
         pieces = self._pages(entry, i, data)
         if not pieces or not self.push:
             return False
+        if not await self._store(inode, pieces, f"{entry.path} at {entry.offsets[i]}"):
+            return False
+        self.pushed_bytes += len(data)
+        if stream is not None:
+            stream.consumed(i)
+        if not KEEP_PUSHED:
+            self.source.drop_when_cached(entry.chunk_ids[i])
+        return True
 
+    async def _store(self, inode: int, pieces: list[tuple[int, object]], what: str) -> bool:
+        """Store *pieces* (``(file offset, whole pages)``) in the kernel's page cache for *inode*,
+        in a worker thread (the kernel may be holding some of those pages locked for a read only
+        the event loop can answer); False if the kernel refused (it forgot the inode, or the
+        mount is going away)."""
         fd = self.fuse_fd
 
         def store() -> float:
@@ -1054,14 +1053,9 @@ class Operations(pyfuse3.Operations):
         async with self._pusher:
             try:
                 self.push_seconds += await trio.to_thread.run_sync(store)
-            except OSError as e:  # the kernel forgot the inode, or the mount is going away
-                log.debug("push of %s at %d: %s", entry.path, entry.offsets[i], e)
+            except OSError as e:
+                log.debug("push into %s: %s", what, e)
                 return False
-        self.pushed_bytes += len(data)
-        if stream is not None:
-            stream.consumed(i)
-        if not KEEP_PUSHED:
-            self.source.drop_when_cached(entry.chunk_ids[i])
         return True
 
     def _pages(self, entry: FileEntry, i: int, data) -> list[tuple[int, object]]:

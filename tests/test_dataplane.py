@@ -121,6 +121,25 @@ def test_block_checksums_stored_with_a_chunk_serve_a_new_process_s_part_reads(ca
     assert bytes(third.get(cid, len(data))) == data
 
 
+def test_checksums_stored_for_another_block_size_are_cleared_and_replaced(cache, tmp_path):
+    """A cache written when blocks were 128 KiB (docs/adr/0034 made them 32 KiB) holds tables
+    that do not fit a chunk's size now: they are not used, they are cleared at the next flush,
+    and the chunk's next whole read stores tables of today's size."""
+    cid, data = chunk(4 << 20, 12)
+    assert cache.put(cid, data)
+    db = cache._db()
+    right = db.execute("SELECT blocks FROM chunks WHERE id = ?", [cid]).fetchone()[0]
+    assert len(right) == len(data) // BLOCK * 8
+    db.execute("UPDATE chunks SET blocks = ? WHERE id = ?", [bytes(len(data) // (128 << 10) * 8), cid])
+    other = ChunkCache(tmp_path / "cache", 256 << 20)
+    assert other.load_block_sums([cid]) == 0 and not other.has_blocks(cid)
+    other.flush_atimes()
+    assert db.execute("SELECT blocks FROM chunks WHERE id = ?", [cid]).fetchone()[0] is None
+    assert bytes(other.get(cid, len(data))) == data
+    other.flush_atimes()
+    assert db.execute("SELECT blocks FROM chunks WHERE id = ?", [cid]).fetchone()[0] == right
+
+
 def test_wrong_stored_checksums_are_replaced_by_a_whole_read_in_the_same_batch(cache, tmp_path):
     """A part read that finds the stored checksums wrong clears them; a whole read of the chunk
     before the next flush computes the right ones: the index gets those (the clearing used to

@@ -499,6 +499,42 @@ def test_a_few_pages_of_a_chunk_read_before_come_back_block_by_block(model, tmp_
     run(go)
 
 
+def test_parts_of_cached_chunks_are_read_back_in_one_go_for_a_mend(tmp_path):
+    """ChunkSource.get_parts (what Operations._mend reads, docs/adr/0034): parts of chunks in
+    the disk cache, each checked by its blocks, or by the seal for a chunk too small to have
+    block checksums; checksums only the index holds are loaded first; None for a chunk not
+    cached or a block that does not match, never wrong bytes."""
+    import blake3
+
+    from mlfs.fetch import SMALL_WHOLE
+
+    cache = ChunkCache(tmp_path / "cache", 1 << 30)
+    if not cache.trust_seals:
+        pytest.skip("a shared cache directory: no block checksums")
+    chunks = {}
+    for size in (SMALL_WHOLE // 2, 1 << 20, 3 << 20):
+        data = os.urandom(size)
+        cid = blake3.blake3(data).hexdigest()
+        assert cache.put(cid, data)
+        chunks[cid] = data
+    small, mid, big = chunks
+    source = ChunkSource(None, ChunkCache(tmp_path / "cache", 1 << 30))  # a new mount
+    assert not source.cache.has_blocks(mid) and not source.cache.has_blocks(small)
+    raw = bytearray(source.cache.path(big).read_bytes())
+    raw[2 << 20] ^= 1
+    source.cache.path(big).write_bytes(bytes(raw))
+    wanted = [(small, len(chunks[small]), 100, 4196), (mid, 1 << 20, 40000, 48192),
+              (big, 3 << 20, 5000, 9096), (big, 3 << 20, (2 << 20) - 10, (2 << 20) + 4086),
+              ("e" * 64, 4096, 0, 4096)]
+
+    async def go(n):
+        got = await source.get_parts(wanted)
+        assert [None if g is None else bytes(g) for g in got] == [
+            chunks[small][100:4196], chunks[mid][40000:48192], chunks[big][5000:9096], None, None]
+    run(go)
+    assert source.cache.part_reads == 2  # the small chunk was read whole
+
+
 def test_small_block_reads_run_on_the_event_loop_until_one_is_slow(model, tmp_path, monkeypatch):
     """A block read of a page (docs/adr/0028) is done on the event loop while the disk cache has
     nothing else to do; once one takes longer than INLINE_SLOW, they go to worker threads, so
