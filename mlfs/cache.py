@@ -59,6 +59,8 @@ SEAL = 16
 #: read back costs one block read from the disk: 0.15 ms for 32 KiB here, 0.27 ms for 128 KiB,
 #: the size until docs/adr/0034.
 BLOCK = 32 << 10
+#: Chunks smaller than this get no block checksums: one is read whole about as cheaply.
+SMALL_CHUNK = 4 * BLOCK
 #: Chunks whose block checksums are remembered (8 bytes per block: 1 KiB per 4 MiB chunk).
 BLOCK_TABLES = 16384
 
@@ -284,7 +286,7 @@ class ChunkCache:
         if self.direct_reads and self.trust_seals and dataplane.NATIVE:
             try:  # read, seal and block checksums in one C call (docs/adr/0029)
                 data, ok, sums = directio.read_sealed(
-                    path, size, SEAL, int(chunk_id[:16], 16), BLOCK if size >= 4 * BLOCK else 0)
+                    path, size, SEAL, int(chunk_id[:16], 16), BLOCK if size >= SMALL_CHUNK else 0)
             except directio.DirectIOUnsupported:
                 self._refuse_direct_reads()
             else:
@@ -343,7 +345,7 @@ class ChunkCache:
                         for i in range(0, len(data), BLOCK))
 
     def _remember_blocks(self, chunk_id: str, data) -> None:
-        if len(data) < 4 * BLOCK:  # a chunk this small is read whole as cheaply
+        if len(data) < SMALL_CHUNK:
             return
         self.keep_block_sums(chunk_id, self._block_sums(chunk_id, data))
 
@@ -453,7 +455,7 @@ class ChunkCache:
             self.write_errors += 1
             tmp.unlink(missing_ok=True)
             return False
-        sums = self._block_sums(chunk_id, data) if len(data) >= 4 * BLOCK else None
+        sums = self._block_sums(chunk_id, data) if len(data) >= SMALL_CHUNK else None
         db = self._db()
         victims: list[str] = []
         try:

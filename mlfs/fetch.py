@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import trio
 
 from . import config
-from .cache import BLOCK, ChunkCache
+from .cache import SMALL_CHUNK, ChunkCache
 from .errors import MlfsError, StoreError
 from .stores import Store
 
@@ -36,9 +36,6 @@ log = logging.getLogger("mlfs.fetch")
 
 #: Disk cache loads at once.  Background loads take at most all but one of them (docs/adr/0023).
 DISK_THREADS = 4
-#: Chunks smaller than this get no block checksums from the C stream (Operations._native_job):
-#: get_parts reads a part of one by reading it whole.
-SMALL_WHOLE = 4 * BLOCK
 #: Block reads (docs/adr/0026) of at most this many bytes are done on the event loop itself
 #: while the disk cache has nothing else to do: a hand-off to a worker thread and back cost more
 #: than the read (docs/adr/0028).  ``MLFS_INLINE_PART_READS=0`` sends them all to threads.
@@ -270,11 +267,12 @@ class ChunkSource:
         """For each ``(chunk id, size, start, end)`` of *wanted*, bytes ``[start, end)`` read and
         checked block by block from the disk cache (as get_part), or None where the chunk's block
         checksums are not known, even to the cache's index, or a block does not match.  A chunk
-        smaller than SMALL_WHOLE without block checksums is read whole and checked by its seal.  All in one worker thread, as background
-        work: a reader's own miss finds a disk slot free."""
+        too small to have block checksums (cache.SMALL_CHUNK) is read whole and checked by its
+        seal.  All in one worker thread, as background work: a reader's own miss finds a disk
+        slot free."""
         def one(cid: str, size: int, a: int, b: int) -> memoryview | None:
             part = self.cache.get_part(cid, size, a, b, flush=False)
-            if part is None and size < SMALL_WHOLE and not self.cache.has_blocks(cid):
+            if part is None and size < SMALL_CHUNK and not self.cache.has_blocks(cid):
                 whole = self.cache.get(cid, size)
                 part = None if whole is None else whole[a:b]
             return part

@@ -30,10 +30,10 @@ import pyfuse3
 import trio
 
 from . import config, dataplane, directio, pagecache
-from .cache import BLOCK, SEAL
+from .cache import BLOCK, SEAL, SMALL_CHUNK
 from .client import STATS_XATTR
 from .errors import MlfsError
-from .fetch import SMALL_WHOLE, ChunkSource
+from .fetch import ChunkSource
 from .manifest import FileEntry
 from .prefetch import WARM_RUN, WARM_START_RUN, LoadDetector, next_shard, stream_order
 from .supervise import Supervisor
@@ -1013,7 +1013,7 @@ class Operations(pyfuse3.Operations):
         push_from, push_to = (first - off, last - off) if first < last else (0, 0)
         head = min(end, first) - off if off % PAGE else 0
         tail_from = max(off, end // PAGE * PAGE) - off if end % PAGE and end < entry.size else size
-        block = BLOCK if size >= SMALL_WHOLE else 0
+        block = BLOCK if size >= SMALL_CHUNK else 0
         return (str(self.source.cache.path(cid)), size, int(cid[:16], 16), block, off,
                 push_from, push_to, head, tail_from, sums_at)
 

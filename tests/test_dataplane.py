@@ -11,7 +11,7 @@ import pytest
 
 from conftest import require
 from mlfs import dataplane, directio
-from mlfs.cache import BLOCK, SEAL, ChunkCache
+from mlfs.cache import BLOCK, SEAL, SMALL_CHUNK, ChunkCache
 
 
 def chunk(size: int, seed: int) -> tuple[str, bytes]:
@@ -29,18 +29,18 @@ def cache(tmp_path) -> ChunkCache:
 
 
 def job(c: ChunkCache, cid: str, size: int, head: int, tail_from: int, sums_at: int) -> tuple:
-    block = BLOCK if size >= 4 * BLOCK else 0
+    block = BLOCK if size >= SMALL_CHUNK else 0
     return (str(c.path(cid)), size, int(cid[:16], 16), block, 0, 0, 0, head, tail_from, sums_at)
 
 
 def test_read_sealed_checks_the_seal_and_the_blocks_as_the_python_steps_do(cache):
-    for n, size in enumerate([1, 4095, 4 * BLOCK, (4 << 20) + 77]):
+    for n, size in enumerate([1, 4095, SMALL_CHUNK, (4 << 20) + 77]):
         cid, data = chunk(size, n)
         assert cache.put(cid, data)
         view, ok, sums = directio.read_sealed(cache.path(cid), size, SEAL, int(cid[:16], 16),
-                                              BLOCK if size >= 4 * BLOCK else 0)
+                                              BLOCK if size >= SMALL_CHUNK else 0)
         assert ok is True and bytes(view[:size]) == data
-        assert sums == (ChunkCache._block_sums(cid, data) if size >= 4 * BLOCK else None)
+        assert sums == (ChunkCache._block_sums(cid, data) if size >= SMALL_CHUNK else None)
         # The same file under the wrong size: no seal where one is expected.
         assert directio.read_sealed(cache.path(cid), size + 1, SEAL, int(cid[:16], 16), 0)[1] is None
 
@@ -68,7 +68,7 @@ def test_stream_without_pushes_returns_what_the_python_stream_would(cache):
     jobs, at = [], 0
     for cid, data in items:
         jobs.append(job(cache, cid, len(data), 100, len(data) - 50, at))
-        at += -(-len(data) // BLOCK) * 8 if len(data) >= 4 * BLOCK else 0
+        at += -(-len(data) // BLOCK) * 8 if len(data) >= SMALL_CHUNK else 0
     shared, sums = bytearray(3 * len(jobs)), bytearray(at)
     buffers = [directio.aligned_buffer((5 << 20) + SEAL + 1) for _ in range(2)]
     results, _ = dataplane.stream(-1, 1, jobs, [v for _, v in buffers], 1 << 20, shared, sums)

@@ -506,13 +506,13 @@ def test_parts_of_cached_chunks_are_read_back_in_one_go_for_a_mend(tmp_path):
     cached or a block that does not match, never wrong bytes."""
     import blake3
 
-    from mlfs.fetch import SMALL_WHOLE
+    from mlfs.cache import SMALL_CHUNK
 
     cache = ChunkCache(tmp_path / "cache", 1 << 30)
     if not cache.trust_seals:
         pytest.skip("a shared cache directory: no block checksums")
     chunks = {}
-    for size in (SMALL_WHOLE // 2, 1 << 20, 3 << 20):
+    for size in (SMALL_CHUNK // 2, 1 << 20, 3 << 20):
         data = os.urandom(size)
         cid = blake3.blake3(data).hexdigest()
         assert cache.put(cid, data)
