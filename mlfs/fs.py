@@ -234,7 +234,9 @@ class Operations(pyfuse3.Operations):
         #: None: through pyfuse3.notify_store.
         self.fuse_fd: int | None = None
         self.loads_recognised = 0
-        self._mending: set[int] = set()  # inodes whose holes are being filled (_mend)
+        #: Inodes whose holes are being filled (_mend) → the pages readers asked for since:
+        #: those holes need no filling any more.
+        self._mending: dict[int, set[int]] = {}
         self.mends = 0  # opens that found holes in the page cache and filled them
         self.mended_bytes = 0
         self.uid = os.getuid()
@@ -393,7 +395,7 @@ class Operations(pyfuse3.Operations):
                 and inode not in self._mending
                 and self.info.get("mountpoint") and self.nursery is not None):
             # (The mend's own open of the file comes back here while the inode is in _mending.)
-            self._mending.add(inode)
+            self._mending[inode] = set()
             entry = node.entry
             self.supervisor.start(f"filling the page cache's holes in {entry.path}",
                                   lambda: self._mend(inode, entry))
@@ -408,41 +410,34 @@ class Operations(pyfuse3.Operations):
         time.  Pages whose chunk is not in the disk cache, or whose block checksums are unknown,
         are left to the reader's faults."""
         started = time.perf_counter()
-        opened = None
         try:
             path = self._path_of(inode)
             if path is None:
                 return
             try:
-                opened = await trio.to_thread.run_sync(self._residency, path, inode, entry.size,
-                                                       abandon_on_cancel=True)
+                pages = await trio.to_thread.run_sync(self._residency, path, inode, entry.size,
+                                                      abandon_on_cancel=True)
             except OSError as e:  # the mount is going away, or the path is another file by now
                 log.debug("page cache of %s: %s", entry.path, e)
                 return
-            if opened is None:
-                return
-            residency, pages = opened[1], opened[2]
-            runs = pagecache.holes(pages)
-            runs = [(p, min(MEND_RUN, first + n - p)) for first, n in runs
+            runs = [(p, min(MEND_RUN, first + n - p)) for first, n in pagecache.holes(pages)
                     for p in range(first, first + n, MEND_RUN)]
             if not runs:
                 return
             self.mends += 1
             found = time.perf_counter() - started
             before = self.mended_bytes
+            faulted = self._mending[inode]
             for k in range(0, len(runs), MEND_BATCH):
-                # Runs the reader has faulted in meanwhile are passed by (mincore: no I/O).
-                batch = [(p, n) for p, n in runs[k:k + MEND_BATCH] if 0 in residency.resident(p, n)]
+                batch = [(p, n) for p, n in runs[k:k + MEND_BATCH]
+                         if not faulted.issuperset(range(p, p + n))]
                 if not await self._mend_runs(inode, entry, batch):
                     break
             log.debug("%s: %d runs of pages were missing from the page cache (found in %.1f ms); "
                       "%d bytes pushed in %.1f ms", entry.path, len(runs), found * 1e3,
                       self.mended_bytes - before, (time.perf_counter() - started) * 1e3)
         finally:
-            self._mending.discard(inode)
-            if opened is not None:  # closing goes through the mount: not on the event loop
-                opened[1].close()
-                await trio.to_thread.run_sync(os.close, opened[0], abandon_on_cancel=True)
+            self._mending.pop(inode, None)
 
     async def _mend_runs(self, inode: int, entry: FileEntry, runs: list[tuple[int, int]]) -> bool:
         """Read back and push the pages of *runs* (see _mend); False once pushes fail."""
@@ -490,25 +485,22 @@ class Operations(pyfuse3.Operations):
         return os.path.join(self.info["mountpoint"], *reversed(names))
 
     @staticmethod
-    def _residency(path: str, inode: int,
-                   size: int) -> tuple[int, pagecache.Residency, bytes] | None:
-        """In a worker thread: *path* opened and mapped to ask about its page cache, with what
-        the page cache holds of it now; None if *path* is no longer *inode*.  The open goes
-        through the mount: the event loop answers it while this thread waits."""
+    def _residency(path: str, inode: int, size: int) -> bytes:
+        """In a worker thread: what the page cache holds of *path* (pagecache.Residency), or
+        nothing if *path* is no longer *inode*.  The open goes through the mount: the event loop
+        answers it while this thread waits.  Nothing stays open after it: an unmount must not
+        find the daemon holding its own file."""
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
-            if os.fstat(fd).st_ino == inode:
-                residency = pagecache.Residency(fd, size)
-                try:
-                    return fd, residency, residency.resident()
-                except BaseException:
-                    residency.close()
-                    raise
-        except BaseException:
+            if os.fstat(fd).st_ino != inode:
+                return b""
+            residency = pagecache.Residency(fd, size)
+            try:
+                return residency.resident()
+            finally:
+                residency.close()
+        finally:
             os.close(fd)
-            raise
-        os.close(fd)
-        return None
 
     def _load_sums(self, entry: FileEntry | None) -> None:
         """Bring the stored block checksums of a model file's chunks into memory, once per file
@@ -539,6 +531,9 @@ class Operations(pyfuse3.Operations):
         slices = chunk_slices(entry, off, size)
         if not slices:
             return b""
+        faulted = self._mending.get(h.inode)
+        if faulted is not None and size <= MEND_RUN * PAGE:  # a page fault's read, not a stream's
+            faulted.update(range(off // PAGE, (off + size - 1) // PAGE + 1))
         stream = self._streams.get((entry.path, entry.blake3)) if self._streams else None
         native: dict[int, bytes] = {}  # chunk → the bytes this read wants, from the C stream
         # A stream in C brings the file faster than read-ahead would: none beside it.
