@@ -432,7 +432,7 @@ class Operations(pyfuse3.Operations):
                 batch = [(p, n) for p, n in runs[k:k + MEND_BATCH]
                          if not faulted.issuperset(range(p, p + n))]
                 if not await self._mend_runs(inode, entry, batch):
-                    break
+                    return  # the kernel refused a push: the mount is going away
             log.debug("%s: %d runs of pages were missing from the page cache (found in %.1f ms); "
                       "%d bytes pushed in %.1f ms", entry.path, len(runs), found * 1e3,
                       self.mended_bytes - before, (time.perf_counter() - started) * 1e3)
