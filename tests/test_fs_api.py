@@ -15,7 +15,7 @@ import pyfuse3
 import pytest
 import trio
 
-from conftest import with_note
+from conftest import require, with_note
 from mlfs import manifest as mf
 from mlfs.cache import ChunkCache
 from mlfs.errors import MlfsError, ObjectNotFound, StoreError, StorePermissionError
@@ -509,8 +509,7 @@ def test_parts_of_cached_chunks_are_read_back_in_one_go_for_a_mend(tmp_path):
     from mlfs.cache import SMALL_CHUNK
 
     cache = ChunkCache(tmp_path / "cache", 1 << 30)
-    if not cache.trust_seals:
-        pytest.skip("a shared cache directory: no block checksums")
+    require(cache.trust_seals, "a shared cache directory: no block checksums")
     chunks = {}
     for size in (SMALL_CHUNK // 2, 1 << 20, 3 << 20):
         data = os.urandom(size)
