@@ -441,37 +441,31 @@ class Operations(pyfuse3.Operations):
 
     async def _mend_runs(self, inode: int, entry: FileEntry, runs: list[tuple[int, int]]) -> bool:
         """Read back and push the pages of *runs* (see _mend); False once pushes fail."""
-        spans = []  # per run: its file offset and the (chunk, start, end) slices it is made of
-        wanted = []  # the slices not in memory: read from the disk cache
+        spans = []  # per run: its file offset and its parts, bytes or a place in `wanted`
+        wanted = []  # the parts not in memory, as (chunk id, size, start, end): from the disk
         for first, n in runs:
             begin = first * PAGE
-            end = min((first + n) * PAGE, entry.size)
-            slices = chunk_slices(entry, begin, end - begin)
-            spans.append((begin, slices))
-            wanted += [(entry.chunk_ids[i], entry.chunk_sizes[i], a, b) for i, a, b in slices
-                       if self.source.peek(entry.chunk_ids[i]) is None]
-        got = dict(zip(wanted, await self.source.get_parts(wanted))) if wanted else {}
+            parts: list = []
+            for i, a, b in chunk_slices(entry, begin, min((first + n) * PAGE, entry.size) - begin):
+                data = self.source.peek(entry.chunk_ids[i])
+                if data is not None:
+                    parts.append(memoryview(data)[a:b])
+                else:
+                    parts.append(len(wanted))
+                    wanted.append((entry.chunk_ids[i], entry.chunk_sizes[i], a, b))
+            spans.append((begin, parts))
+        got = await self.source.get_parts(wanted) if wanted else []
         pieces = []
-        for begin, slices in spans:
-            parts = []
-            for i, a, b in slices:
-                key = (entry.chunk_ids[i], entry.chunk_sizes[i], a, b)
-                part = got[key] if key in got else self._peek_part(entry, i, a, b)
-                if part is None:
-                    break  # left to the reader's fault
-                parts.append(part)
-            else:
-                pieces.append((begin, b"".join(parts)))
+        for begin, parts in spans:
+            have = [got[p] if isinstance(p, int) else p for p in parts]
+            if None not in have:  # else left to the reader's fault
+                pieces.append((begin, b"".join(have)))
         if not pieces:
             return True
         if not await self._store(inode, pieces, entry.path):
             return False
         self.mended_bytes += sum(len(p) for _, p in pieces)
         return True
-
-    def _peek_part(self, entry: FileEntry, i: int, a: int, b: int):
-        data = self.source.peek(entry.chunk_ids[i])  # in memory when listed, but maybe not now
-        return None if data is None else memoryview(data)[a:b]
 
     def _path_of(self, inode: int) -> str | None:
         """Where *inode* is in the mount now, or None if the current tree does not hold it."""

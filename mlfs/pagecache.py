@@ -48,17 +48,14 @@ class Residency:
             e = ctypes.get_errno()
             raise OSError(e, os.strerror(e))
 
-    def resident(self, first: int = 0, pages: int | None = None) -> bytes:
-        """One byte per page from page *first* (*pages* of them, or to the end): 1 if the page
-        cache holds the page, else 0.  No I/O: a call never waits for the file system."""
-        total = -(-self.size // PAGE)
-        pages = total - first if pages is None else min(pages, total - first)
+    def resident(self) -> bytes:
+        """One byte per page: 1 if the page cache holds the page, else 0.  No I/O: a call never
+        waits for the file system."""
         out = bytearray()
-        for at in range(first, first + pages, WINDOW // PAGE):
-            n = min(WINDOW // PAGE, first + pages - at)
-            length = min(n * PAGE, self.size - at * PAGE)
-            vec = ctypes.create_string_buffer(n)
-            if _libc.mincore(self.addr + at * PAGE, length, vec) != 0:
+        for at in range(0, self.size, WINDOW):
+            length = min(WINDOW, self.size - at)
+            vec = ctypes.create_string_buffer(-(-length // PAGE))
+            if _libc.mincore(self.addr + at, length, vec) != 0:
                 e = ctypes.get_errno()
                 raise OSError(e, os.strerror(e))
             out += vec.raw

@@ -45,8 +45,8 @@ def test_residency_reports_the_pages_read_and_nothing_else(tmp_path):
             got = r.resident()
             assert len(got) == size // PAGE + 1
             assert [i for i, v in enumerate(got) if v] == [0, 1536, size // PAGE]
-            assert r.resident(1530, 10) == bytes(6) + b"\x01" + bytes(3)
-            assert r.resident(size // PAGE, 5) == b"\x01"  # clipped at the end of the file
+            assert got[1530:1540] == bytes(6) + b"\x01" + bytes(3)
+            assert got[size // PAGE:] == b"\x01"  # the last page, in part
         finally:
             r.close()
     finally:
