@@ -15,7 +15,9 @@ with s5cmd beside it; the same model in 4 shards loaded shard after shard (s5cmd
 mlfs with and without the next shard fetched ahead); and a loopback pass (s3rver on 127.0.0.1) against Run:ai.  Cold figures are whole wall times as a user meets them: mount start plus the loading
 process (interpreter and torch start included), s5cmd's download plus the same process, Run:ai's
 process, each the median of ``MLFS_BENCH_COLD_ROUNDS`` (3) interleaved rounds; warm and hot compare
-the load timed inside the process with the local disk's; hot loads after one page in 100 was
+the load timed inside the process with the local disk's, through a mount that passes the file
+through to its whole copy (docs/adr/0035) and through one with ``--no-passthrough``; hot loads
+after one page in 100 was
 dropped from the page cache compare the mount, with and without its mend (docs/adr/0034), with the
 local disk.  Then MiniLM through ``transformers.AutoModel.from_pretrained``.  Ratios are within
 this run; absolute times move up to 2x between runs on this VM.  Needs root.
@@ -236,6 +238,17 @@ class Mount:
     def cpu(self) -> float:
         return proc_cpu(self.pid)
 
+    def settle(self, timeout: float = 60.0) -> bool:
+        """Wait until the mount has considered a whole copy of the file just loaded (docs/adr/
+        0035); True if it made one."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            s = self.stats()
+            if not s["open_files"] and not s["whole_files_pending"]:
+                return bool(s["whole_files"].get("made"))
+            time.sleep(0.05)
+        return False
+
     def close(self) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
         for _ in range(100):
@@ -349,8 +362,16 @@ def main() -> None:
                 add(cold, f"mlfs cold {kind} (mount + load)", time.perf_counter() - t)
                 add(cold, f"mlfs mount start ({kind})", m.start_seconds)
                 # Everything the mount used: the mlfs mount command and its daemon, start included.
-                add(cold, f"mlfs cold {kind} cpu (mount + reader)", m.start_cpu + m.cpu() + reader_cpu)
+                cpu = m.cpu()
+                add(cold, f"mlfs cold {kind} cpu (mount + reader)", m.start_cpu + cpu + reader_cpu)
                 add(cold, f"mlfs cold {kind} bytes fetched / file", m.stats()["bytes_fetched"] / size)
+                # After the load, in the background: the whole copy later opens pass through to
+                # (docs/adr/0035); waited for, so that it does not run into the next measurement.
+                t = time.perf_counter()
+                made = m.settle()
+                add(cold, f"mlfs whole copy after a cold {kind}: seconds after the load",
+                    time.perf_counter() - t if made else float("nan"))
+                add(cold, f"mlfs whole copy after a cold {kind}: cpu", m.cpu() - cpu)
                 m.close()
         medians(r, cold, "mlfs cold load_file (mount + load)", "s5cmd + load_file",
                 "cold vs s5cmd + load")
@@ -439,14 +460,30 @@ def main() -> None:
             add(rounds, "mlfs warm load_file, whole process", WALL["last"])
             add(rounds, "mlfs warm cpu (mount + reader)", w.cpu() - cpu0 + reader_cpu)
             add(rounds, "mlfs hot load_file", run_py(LOAD_FILE, w.mnt / "model.safetensors")[0][0])
+            add(rounds, "mlfs warm, opens passed through", w.stats()["passthrough_opens"])
+            w.close()
+            # The same cache through the daemon's own read path (docs/adr/0029-0034).
+            drop_caches()
+            w = Mount(work / "mnt-warm", work / "cache-load_file", "--store", store, "--id",
+                      "llm", "--version", "v1", "--no-passthrough", env=env)
+            mounts.append(w)
+            cpu0 = w.cpu()
+            load, reader_cpu = run_py(LOAD_FILE, w.mnt / "model.safetensors")
+            add(rounds, "mlfs warm load_file, --no-passthrough", load[0])
+            add(rounds, "mlfs warm cpu (mount + reader), --no-passthrough",
+                w.cpu() - cpu0 + reader_cpu)
+            add(rounds, "mlfs hot load_file, --no-passthrough",
+                run_py(LOAD_FILE, w.mnt / "model.safetensors")[0][0])
             w.close()
         medians(r, rounds, "mlfs warm load_file", "local load_file", "warm vs local")
         # Hot loads after the kernel let go of scattered pages (memory pressure; this VM's DAMON
         # pageout scheme does it within seconds): the same pages dropped from the local copy and
         # from the mounted file, and the mount with and without its mend (docs/adr/0034).
         log(f"hot with 1 page in {HOLE_EVERY} dropped, {COLD_ROUNDS} rounds")
+        # (Through the daemon: a file passed through is the local disk's case.)
         hmounts = {k: Mount(work / f"mnt-holes-{k}", work / "cache-load_file", "--store", store,
-                            "--id", "llm", "--version", "v1", env={**env, "MLFS_MEND": k})
+                            "--id", "llm", "--version", "v1", "--no-passthrough",
+                            env={**env, "MLFS_MEND": k})
                    for k in ("1", "0")}
         mounts.extend(hmounts.values())
         holes: dict[str, list[float]] = {}
@@ -613,6 +650,14 @@ def main() -> None:
                 r["mlfs warm load_file"] / r["local load_file"],
             "hot vs local hot (in-process load times, medians of the rounds)":
                 r["mlfs hot load_file"] / r["local hot load_file"],
+            "warm --no-passthrough vs local disk":
+                r["mlfs warm load_file, --no-passthrough"] / r["local load_file"],
+            "hot --no-passthrough vs local hot":
+                r["mlfs hot load_file, --no-passthrough"] / r["local hot load_file"],
+            "cpu/GiB warm mlfs --no-passthrough (mount + reader)":
+                r["mlfs warm cpu (mount + reader), --no-passthrough"] / gib,
+            "whole copy after a cold load: cpu/GiB":
+                r["mlfs whole copy after a cold load_file: cpu"] / gib,
             f"hot, 1 page in {HOLE_EVERY} dropped, vs local hot (the same pages dropped)":
                 r[f"mlfs, MLFS_MEND=1 hot load_file, 1 page in {HOLE_EVERY} dropped"]
                 / r[f"local hot load_file, 1 page in {HOLE_EVERY} dropped"],

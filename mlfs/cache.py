@@ -65,6 +65,11 @@ SMALL_CHUNK = 4 * BLOCK
 BLOCK_TABLES = 16384
 
 
+#: Index entries (and ``files/`` names) of whole copies of files: ``whole-<the file's blake3>``.
+#: No chunk id (hex) starts so.
+WHOLE = "whole-"
+
+
 def seal(chunk_id: str, data) -> bytes:
     """The check stored after a chunk's bytes in its cache file: XXH3-128 of the bytes, seeded with
     the chunk id, so a damaged file or one under another chunk's name fails (docs/adr/0009)."""
@@ -202,6 +207,8 @@ class ChunkCache:
             db.close()
 
     def path(self, chunk_id: str) -> Path:
+        if chunk_id.startswith(WHOLE):
+            return self.root / "files" / chunk_id[len(WHOLE):]
         return self.root / "chunks" / chunk_id[:2] / chunk_id
 
     # -- reads ----------------------------------------------------------------------------------
@@ -457,7 +464,6 @@ class ChunkCache:
             return False
         sums = self._block_sums(chunk_id, data) if len(data) >= SMALL_CHUNK else None
         db = self._db()
-        victims: list[str] = []
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -465,17 +471,7 @@ class ChunkCache:
                     db.execute("COMMIT")
                     tmp.unlink(missing_ok=True)
                     return True
-                total = db.execute("SELECT bytes FROM totals").fetchone()[0]
-                excess = total + size - self.max_bytes
-                if excess > 0:
-                    for vid, vsize in db.execute("SELECT id, size FROM chunks ORDER BY atime"):
-                        victims.append(vid)
-                        excess -= vsize
-                        if excess <= 0:
-                            break
-                    for vid in victims:
-                        db.execute("DELETE FROM chunks WHERE id = ?", [vid])
-                        self.path(vid).unlink(missing_ok=True)
+                victims = self._make_room(db, size)
                 final.parent.mkdir(mode=0o755, exist_ok=True)
                 os.replace(tmp, final)
                 db.execute("INSERT INTO chunks (id, size, atime, blocks) VALUES (?, ?, ?, ?)",
@@ -494,6 +490,81 @@ class ChunkCache:
             self.keep_block_sums(chunk_id, sums, store=False, indexed=True)
         return True
 
+    def _make_room(self, db: sqlite3.Connection, size: int,
+                   keep: frozenset[str] = frozenset()) -> list[str] | None:
+        """Inside an admission's transaction: evict least recently used entries until *size*
+        more bytes fit, and return them; None (nothing evicted) if that would take one of
+        *keep*."""
+        total = db.execute("SELECT bytes FROM totals").fetchone()[0]
+        excess = total + size - self.max_bytes
+        victims: list[str] = []
+        if excess > 0:
+            for vid, vsize in db.execute("SELECT id, size FROM chunks ORDER BY atime"):
+                if vid in keep:
+                    return None
+                victims.append(vid)
+                excess -= vsize
+                if excess <= 0:
+                    break
+            for vid in victims:
+                db.execute("DELETE FROM chunks WHERE id = ?", [vid])
+                self.path(vid).unlink(missing_ok=True)
+        return victims
+
+    # -- whole files (FUSE passthrough, docs/adr/0035) -------------------------------------------
+    def whole_file(self, digest: str) -> Path | None:
+        """The whole copy of the file whose blake3 is *digest*, if the cache holds one (its use
+        counts for the LRU).  Never where others can write the cache: nothing checks a whole
+        copy's bytes once admitted (the kernel serves them)."""
+        name = WHOLE + digest
+        path = self.path(name)
+        if not self.trust_seals or not path.is_file() or not _private(path.parent):
+            return None
+        try:  # only what put_whole admitted: a file put there otherwise is not a checked copy
+            if not self._db().execute("SELECT 1 FROM chunks WHERE id = ?", [name]).fetchone():
+                return None
+        except sqlite3.Error:
+            return None
+        self.touch(name)
+        return path
+
+    def put_whole(self, digest: str, tmp: Path, keep: frozenset[str]) -> bool:
+        """Admit *tmp*, a whole file already checked against *digest*, evicting what the LRU
+        says, but none of *keep* (its own chunks): False, and *tmp* removed, if it cannot fit
+        that way.  Its bytes count against ``max_bytes`` like a chunk's."""
+        name = WHOLE + digest
+        try:
+            size = tmp.stat().st_size
+            if size > self.max_bytes:
+                raise OSError("larger than the cache")
+            self.flush_atimes()
+            (self.root / "files").mkdir(mode=0o755, exist_ok=True)
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if db.execute("SELECT 1 FROM chunks WHERE id = ?", [name]).fetchone():
+                    if not self.path(name).is_file():  # removed by hand: this one takes its place
+                        os.replace(tmp, self.path(name))
+                    db.execute("COMMIT")
+                    tmp.unlink(missing_ok=True)
+                    return True
+                if self._make_room(db, size, keep) is None:
+                    db.execute("ROLLBACK")
+                    tmp.unlink(missing_ok=True)
+                    return False
+                os.replace(tmp, self.path(name))
+                db.execute("INSERT INTO chunks (id, size, atime) VALUES (?, ?, ?)",
+                           [name, size, time.time()])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except (OSError, sqlite3.Error):
+            self.write_errors += 1
+            tmp.unlink(missing_ok=True)
+            return False
+        return True
+
     def _remove(self, chunk_id: str) -> None:
         with self._blocks_lock:
             self._blocks.pop(chunk_id, None)
@@ -508,14 +579,18 @@ class ChunkCache:
     def stats(self) -> dict:
         db = self._db()
         count, total = db.execute("SELECT count, bytes FROM totals").fetchone()
-        return {"cache_dir": str(self.root), "chunks": count, "bytes": total,
+        wholes, whole_bytes = db.execute(  # a range of the primary key: no scan
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM chunks WHERE id >= ? AND id < ?",
+            [WHOLE, WHOLE[:-1] + chr(ord(WHOLE[-1]) + 1)]).fetchone()
+        return {"cache_dir": str(self.root), "chunks": count - wholes, "bytes": total,
+                "whole_files": wholes, "whole_file_bytes": whole_bytes,
                 "max_bytes": self.max_bytes}
 
     def prune(self) -> dict:
         """Evict down to ``max_bytes``, drop index rows without files, index stray files, and
         remove temp files left by dead writers.  Returns what was done."""
         db = self._db()
-        removed_rows = stray = tmp_removed = 0
+        removed_rows = stray = strays_removed = tmp_removed = 0
         for (cid,) in list(db.execute("SELECT id FROM chunks")):
             if not self.path(cid).exists():
                 db.execute("DELETE FROM chunks WHERE id = ?", [cid])
@@ -529,6 +604,11 @@ class ChunkCache:
                         stray += 1
                     else:
                         f.unlink(missing_ok=True)
+        files = self.root / "files"
+        for f in files.iterdir() if files.is_dir() else ():
+            if WHOLE + f.name not in indexed:  # a whole copy is only trusted as admitted
+                f.unlink(missing_ok=True)
+                strays_removed += 1
         cutoff = time.time() - 3600
         for f in (self.root / "tmp").iterdir():
             try:
@@ -542,6 +622,7 @@ class ChunkCache:
                    "bytes = (SELECT COALESCE(SUM(size), 0) FROM chunks)")
         evicted = self.shrink(self.max_bytes)
         return {"evicted": evicted, "dangling_rows": removed_rows, "strays_indexed": stray,
+                "whole_strays_removed": strays_removed,
                 "temp_files_removed": tmp_removed, **self.stats()}
 
     def shrink(self, target: int) -> int:
@@ -568,4 +649,5 @@ class ChunkCache:
         n = self.shrink(0)
         for sub in (self.root / "chunks").iterdir():
             shutil.rmtree(sub, ignore_errors=True)
+        shutil.rmtree(self.root / "files", ignore_errors=True)
         return n

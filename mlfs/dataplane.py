@@ -35,9 +35,13 @@ if NATIVE:
 
 def fuse_fd() -> int | None:
     """The descriptor of this process's FUSE session (``/dev/fuse``), for :func:`store`; None if
-    it is not exactly one (pyfuse3 does not expose the one it holds) or the C steps are off."""
-    if not NATIVE:
-        return None
+    it is not exactly one or the C steps are off."""
+    return session_fd() if NATIVE else None
+
+
+def session_fd() -> int | None:
+    """The descriptor of this process's FUSE session (``/dev/fuse``); None if it is not exactly
+    one (pyfuse3 does not expose the one it holds)."""
     found = []
     try:
         for name in os.listdir("/proc/self/fd"):

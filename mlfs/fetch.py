@@ -328,6 +328,17 @@ class ChunkSource:
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(self._forget, chunk_id)
 
+    def wait_written(self, chunk_ids: list[str], timeout: float = 30.0) -> bool:
+        """In a worker thread: wait until none of *chunk_ids* is still waiting for its admission
+        to the disk cache; False if some still is after *timeout* seconds."""
+        ids = set(chunk_ids)
+        end = time.monotonic() + timeout
+        while not ids.isdisjoint(self._writing):  # one C call under the GIL: no torn reads
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.02)
+        return True
+
     def flush(self) -> None:
         """Wait until every fetched chunk was offered to the disk cache (before unmounting)."""
         self._writer.shutdown(wait=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from . import config, dataplane, directio, pagecache
+from . import config, dataplane, directio, pagecache, passthrough
 from .cache import BLOCK, SEAL, SMALL_CHUNK
 from .client import STATS_XATTR
 from .errors import MlfsError
@@ -187,6 +187,7 @@ class Handle:
     next_offset: int = 0  # where a sequential reader reads next
     streak: int = 0  # bytes read sequentially so far
     ahead_until: int = 0  # file offset up to which read-ahead was scheduled
+    direct: bool = False  # passed through to a whole copy: the kernel serves it (ADR 0035)
 
 
 class Operations(pyfuse3.Operations):
@@ -239,6 +240,17 @@ class Operations(pyfuse3.Operations):
         self._mending: dict[int, set[int]] = {}
         self.mends = 0  # opens that found holes in the page cache and filled them
         self.mended_bytes = 0
+        #: Passthrough (docs/adr/0035): the session's hook and backing files (mount.py sets it;
+        #: the in-process tier has none), and which way each inode's open files go.
+        self.kernel: passthrough.Kernel | None = None
+        self.routes = passthrough.Routes()
+        # Files to consider for a whole copy (by blake3), and those being considered now.
+        self._whole_queue: OrderedDict[str, FileEntry] = OrderedDict()
+        self._whole_pending: set[str] = set()
+        self._whole_limit = trio.CapacityLimiter(1)  # one copy written at a time
+        self.passthrough_opens = 0
+        self.wholes: dict[str, int] = {}  # make_whole's outcomes, counted
+        self.whole_bytes = 0  # bytes of whole copies written
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -375,12 +387,18 @@ class Operations(pyfuse3.Operations):
                 "streamed_in_c": self.native_bytes,
                 "loads_recognised": self.loads_recognised, "shards_ahead": self.shards_ahead,
                 "mends": self.mends, "mended_bytes": self.mended_bytes,
+                "passthrough": self.kernel.describe() if self.kernel else "off: no kernel session",
+                "passthrough_opens": self.passthrough_opens,
+                "whole_files": dict(self.wholes), "whole_bytes": self.whole_bytes,
+                "whole_files_pending": len(self._whole_queue) + len(self._whole_pending),
                 "open_files": len(self.handles), "known_inodes": len(self.lookups),
                 "retired_inodes": len(self.retired)}
 
     # -- files ----------------------------------------------------------------------------------
     @_guard
     async def open(self, inode, flags, ctx):
+        # First thing, before any await: the hook's last OPEN is this one (docs/adr/0035).
+        unique = self.kernel.open_unique() if self.kernel and self.kernel.active else None
         node = self._node(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -388,8 +406,14 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(inode, node.entry)
+        backing = self._backing(inode, node.entry) if unique is not None else None
+        self.routes.open(inode, backing)
+        self.handles[fh] = Handle(inode, node.entry, direct=backing is not None)
         self.opened[inode] = self.opened.get(inode, 0) + 1
+        if backing is not None:
+            self.kernel.expect(unique, fh, backing)
+            self.passthrough_opens += 1
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
         self._load_sums(node.entry)
         if (self.push and MEND and node.entry is not None and node.entry.size >= MEND_MIN
                 and inode not in self._mending
@@ -400,6 +424,70 @@ class Operations(pyfuse3.Operations):
             self.supervisor.start(f"filling the page cache's holes in {entry.path}",
                                   lambda: self._mend(inode, entry))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    def _backing(self, inode: int, entry: FileEntry | None) -> int | None:
+        """The backing id to pass an open of *inode* through to, or None: through the daemon.
+        Its open files decide; with none open, a whole copy in the cache does."""
+        if entry is None or self.routes.through_daemon(inode):
+            return None
+        backing = self.routes.backing(inode)
+        if backing is not None or entry.size < passthrough.MIN_SIZE:
+            return backing
+        path = self.source.cache.whole_file(entry.blake3)
+        if path is None:
+            return None
+        try:
+            return self.kernel.register(path, entry.size)
+        except OSError as e:  # EPERM without CAP_SYS_ADMIN (a user namespace), or an old kernel
+            self.kernel.stop(f"the kernel refused backing file {path}: {e.strerror or e}")
+            return None
+
+    def _consider_whole(self, entry: FileEntry) -> None:
+        """After a file was read through the daemon: write its whole copy in the background if
+        all its chunks are cached and it has none (passthrough.make_whole)."""
+        if (self.kernel is None or not self.kernel.active or entry.size < passthrough.MIN_SIZE
+                or entry.blake3 in self._whole_queue or entry.blake3 in self._whole_pending
+                or self.nursery is None):
+            return
+        self._whole_queue[entry.blake3] = entry
+        self.supervisor.start(f"whole copy of {entry.path}", self._make_whole)
+
+    async def _make_whole(self) -> None:
+        async with self._whole_limit:
+            if not self._whole_queue:
+                return
+            digest, entry = self._whole_queue.popitem(last=False)
+            self._whole_pending.add(digest)
+            try:
+                # Not abandoned at unmount: a copy begun is finished (a second or two).
+                outcome = await trio.to_thread.run_sync(self._whole_sync, entry)
+            finally:
+                self._whole_pending.discard(digest)
+        self._count_whole(entry, outcome)
+
+    def finish_wholes(self) -> None:
+        """At unmount, after the session ended: make the copies asked for that had not begun
+        (a load's release comes just before an unmount, often), so that the next mount of the
+        same cache passes their files through."""
+        while self._whole_queue:
+            _, entry = self._whole_queue.popitem(last=False)
+            self._count_whole(entry, self._whole_sync(entry))
+
+    def _count_whole(self, entry: FileEntry, outcome: str) -> None:
+        kind = outcome.split(":")[0]
+        self.wholes[kind] = self.wholes.get(kind, 0) + 1
+        if kind == "made":
+            self.whole_bytes += entry.size
+            log.info("%s: whole copy made; later opens are passed through", entry.path)
+        elif kind in ("damaged", "failed"):
+            log.warning("%s: no whole copy: %s", entry.path, outcome)
+        else:
+            log.debug("%s: no whole copy: %s", entry.path, outcome)
+
+    def _whole_sync(self, entry: FileEntry) -> str:
+        # A file just read whole may have chunks on their way to the disk cache.
+        self.source.wait_written(entry.chunk_ids)
+        return passthrough.make_whole(self.source.cache, entry)
 
     async def _mend(self, inode: int, entry: FileEntry) -> None:
         """Fill the holes the kernel left in the page cache of *inode*, a file it holds almost
@@ -1156,6 +1244,11 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh):
         h = self.handles.pop(fh, None)
         if h is not None:
+            backing = self.routes.close(h.inode, h.direct)
+            if backing is not None:
+                self.kernel.unregister(backing)
+            if not h.direct and h.entry is not None:
+                self._consider_whole(h.entry)
             left = self.opened.get(h.inode, 0) - 1
             if left > 0:
                 self.opened[h.inode] = left

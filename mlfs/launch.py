@@ -71,6 +71,7 @@ class MountOptions:
     metrics_file: str | None = None  # Prometheus text kept current here
     metrics_interval: float = 5.0
     debug: bool = False
+    passthrough: bool = True  # whole copies of files read whole, opened by passthrough (ADR 0035)
 
 
 def fuse_problem(allow_other: bool) -> str | None:

@@ -21,7 +21,7 @@ import time
 import pyfuse3
 import trio
 
-from . import buffers, config, dataplane
+from . import buffers, config, dataplane, passthrough
 from .cache import ChunkCache
 from .client import clean_runtime_dir, control_socket_path
 from .errors import MlfsError, MountError
@@ -150,6 +150,8 @@ def _serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts
         why = fuse_problem(opts.allow_other) or f"{e} (the lines above, from libfuse, say why)"
         raise MountError(f"cannot mount {mountpoint}: {why}") from None
     ops.fuse_fd = dataplane.fuse_fd()  # pushes go straight to /dev/fuse where the C steps are built
+    # Before the session reads INIT, whose reply must ask for passthrough (docs/adr/0035).
+    ops.kernel = passthrough.Kernel(dataplane.session_fd(), want=opts.passthrough)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -199,6 +201,10 @@ def _serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts
             kmount.unmount()
         pyfuse3.close(unmount=kmount is None)
         source.flush()
+        try:
+            ops.finish_wholes()
+        except Exception:  # noqa: BLE001 - the mount is gone already; say why, exit as usual
+            log.exception("whole copies at unmount: internal error")
 
 
 class SwitchHook:

@@ -200,7 +200,9 @@ def test_a_warm_load_is_streamed_in_c_and_survives_damaged_and_missing_cache_fil
     damaged.write_bytes(bytes(raw))
     gone.unlink()
 
-    warm = mounter("--manifest", man, "--cache-dir", cache, name="warm")
+    # Through the daemon: with passthrough the file would be read from its whole copy, made when
+    # the cold mount ended, and no chunk file would be read (tests/test_passthrough.py).
+    warm = mounter("--manifest", man, "--cache-dir", cache, "--no-passthrough", name="warm")
     path = warm.mountpoint / "model.safetensors"
     p = subprocess.run([sys.executable, "-c", LOADER, str(path)], capture_output=True, text=True,
                        timeout=180)

@@ -1,0 +1,350 @@
+"""Whole copies of files read whole, and later opens passed through to them by the kernel
+(docs/adr/0035).  Real mounts for the kernel's side; the routing rule and the copy's checks
+in-process below them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import generate_into, run_mlfs, sha, wait_for
+from mlfs import passthrough
+from mlfs.cache import ChunkCache
+from mlfs.manifest import FileEntry
+
+# safe_open + get_tensor of every tensor (mmap underneath), each tensor's bytes hashed.
+LOADER = """
+import hashlib, json, sys
+from safetensors import safe_open
+out = {}
+with safe_open(sys.argv[1], "np") as f:
+    for k in f.keys():
+        out[k] = hashlib.sha256(f.get_tensor(k).tobytes()).hexdigest()
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def model(tmp_path, store):
+    """About 40 MiB in 20 tensors (fp16 and fp32), written by safetensors."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(5)
+    t = {}
+    for i in range(10):
+        t[f"layers.{i}.attn"] = rng.integers(0, 2**16, (1024, 1024), dtype=np.uint16).view(np.float16)
+        t[f"layers.{i}.mlp"] = rng.standard_normal((512, 1024), dtype=np.float32)
+    d = tmp_path / "model"
+    d.mkdir()
+    save_file(t, str(d / "model.safetensors"))
+    want = {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in t.items()}
+    return generate_into(store, d, "pt", "v1", tmp_path), d / "model.safetensors", want
+
+
+def load(path: Path) -> dict:
+    p = subprocess.run([sys.executable, "-c", LOADER, str(path)], capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def drop_pages(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def wholes(mnt, kind: str) -> int:
+    return mnt.stats()["whole_files"].get(kind, 0)
+
+
+def test_a_file_read_whole_is_passed_through_at_its_next_open(model, mounter, tmp_path):
+    man, src, want = model
+    cache = tmp_path / "c"
+    mnt = mounter("--manifest", man, "--cache-dir", cache)
+    path = mnt.mountpoint / "model.safetensors"
+    assert sha(path) == sha(src)
+    wait_for(lambda: wholes(mnt, "made") == 1, what="the whole copy")
+    copies = list((cache / "files").iterdir())
+    assert len(copies) == 1 and sha(copies[0]) == sha(src)
+    before = mnt.stats()
+    assert before["passthrough"] == "on" and before["passthrough_opens"] == 0
+    for _ in range(2):  # from the disk, then from the copy's page cache
+        drop_pages(path)
+        assert load(path) == want
+        assert sha(path) == sha(src)
+    after = mnt.stats()
+    assert after["passthrough_opens"] >= 4
+    # The kernel served every byte: not one read reached the daemon.
+    assert after["bytes_served"] == before["bytes_served"]
+    assert after["whole_files"]["made"] == 1
+
+
+def test_a_copy_asked_for_at_unmount_is_made_and_used_by_the_next_mount(model, mounter,
+                                                                          tmp_path):
+    """A load's release often comes just before an unmount: the copy is still made, as the
+    daemon ends, and the next mount of the cache passes the file through, whatever has happened
+    to the chunk files since."""
+    man, src, want = model
+    cache = tmp_path / "c"
+    first = mounter("--manifest", man, "--cache-dir", cache, name="first")
+    assert load(first.mountpoint / "model.safetensors") == want
+    first.close()  # at once: no waiting for the copy
+    assert first.proc.returncode == 0
+    assert len(list((cache / "files").iterdir())) == 1
+    for chunk in (p for p in (cache / "chunks").rglob("*") if p.is_file()):
+        chunk.write_bytes(b"damaged")  # the copy was checked when made; these are not read
+    second = mounter("--manifest", man, "--cache-dir", cache, name="second")
+    path = second.mountpoint / "model.safetensors"
+    drop_pages(path)
+    assert load(path) == want and sha(path) == sha(src)
+    s = second.stats()
+    assert s["passthrough_opens"] >= 2 and s["bytes_served"] == 0
+    assert s["corrupt_cache_files"] == 0
+
+
+def test_a_file_read_in_part_gets_no_copy(model, mounter, tmp_path):
+    man, src, _ = model
+    cache = tmp_path / "c"
+    mnt = mounter("--manifest", man, "--cache-dir", cache)
+    with open(mnt.mountpoint / "model.safetensors", "rb") as f:
+        f.seek(20 << 20)
+        assert f.read(1 << 20) == src.read_bytes()[20 << 20:21 << 20]
+    wait_for(lambda: wholes(mnt, "partial") >= 1, what="the copy to be considered")
+    s = mnt.stats()
+    assert "made" not in s["whole_files"] and s["passthrough_opens"] == 0
+    assert not any((cache / "files").glob("*"))
+
+
+def test_open_files_keep_their_way_and_later_opens_change_it(model, mounter, tmp_path):
+    """The kernel refuses an open that mixes the FUSE page cache and passthrough on one inode:
+    while a file is open through the daemon, new opens go that way too, even with a copy made;
+    once none is, they are passed through, all to one backing file."""
+    man, src, want = model
+    mnt = mounter("--manifest", man, "--cache-dir", tmp_path / "c")
+    path = mnt.mountpoint / "model.safetensors"
+    held = open(path, "rb")  # through the daemon: no copy yet
+    try:
+        assert sha(path) == sha(src)  # a second open, the same way; its release makes the copy
+        wait_for(lambda: wholes(mnt, "made") == 1, what="the whole copy")
+        assert load(path) == want  # mapped, while `held` is open: still through the daemon
+        assert mnt.stats()["passthrough_opens"] == 0
+        assert held.read() == src.read_bytes()
+    finally:
+        held.close()
+    wait_for(lambda: mnt.stats()["open_files"] == 0, what="the release")
+    procs = [subprocess.Popen([sys.executable, "-c", LOADER, str(path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    with open(path, "rb") as f:  # passed through, beside the loaders
+        assert f.read() == src.read_bytes()
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+        assert json.loads(out) == want
+    assert mnt.stats()["passthrough_opens"] >= 5
+
+
+def test_a_damaged_chunk_is_fetched_again_before_a_copy_is_made(model, mounter, tmp_path):
+    man, src, want = model
+    cache = tmp_path / "c"
+    mnt = mounter("--manifest", man, "--cache-dir", cache)
+    path = mnt.mountpoint / "model.safetensors"
+    with open(path, "rb") as f:
+        assert f.read() == src.read_bytes()
+        # Before the release that would copy it: damage a 4 MiB chunk file in the cache.
+        victim = max((p for p in (cache / "chunks").rglob("*") if p.is_file()),
+                     key=lambda p: p.stat().st_size)
+        raw = bytearray(victim.read_bytes())
+        raw[1000] ^= 0xFF
+        victim.write_bytes(bytes(raw))
+    wait_for(lambda: wholes(mnt, "partial") >= 1, what="the copy to be refused")
+    assert wholes(mnt, "made") == 0 and mnt.stats()["corrupt_cache_files"] >= 1
+    drop_pages(path)
+    assert load(path) == want  # the damaged chunk is fetched again; this load's release copies
+    wait_for(lambda: wholes(mnt, "made") == 1, what="the whole copy")
+    drop_pages(path)
+    assert sha(path) == sha(src)
+    assert mnt.stats()["passthrough_opens"] >= 1
+
+
+def test_a_copy_gone_from_the_disk_leaves_open_files_reading(model, mounter, tmp_path):
+    """The kernel holds the backing file: a copy removed (by hand, or evicted) while open keeps
+    serving its bytes; the next open goes through the daemon, and its release writes the copy
+    again."""
+    man, src, want = model
+    cache = tmp_path / "c"
+    mnt = mounter("--manifest", man, "--cache-dir", cache)
+    path = mnt.mountpoint / "model.safetensors"
+    assert sha(path) == sha(src)
+    wait_for(lambda: wholes(mnt, "made") == 1, what="the whole copy")
+    with open(path, "rb") as f:
+        assert mnt.stats()["passthrough_opens"] == 1
+        for copy in (cache / "files").iterdir():
+            copy.unlink()
+        drop_pages(path)
+        assert f.read() == src.read_bytes()
+    wait_for(lambda: mnt.stats()["open_files"] == 0, what="the release")
+    opens = mnt.stats()["passthrough_opens"]
+    assert load(path) == want
+    assert mnt.stats()["passthrough_opens"] == opens  # the copy is gone: through the daemon
+    wait_for(lambda: wholes(mnt, "made") == 2, what="the copy written again")
+    assert sha(next((cache / "files").iterdir())) == sha(src)
+
+
+def test_no_copy_where_only_its_own_chunks_could_make_room(model, mounter, tmp_path):
+    man, src, _ = model
+    size = src.stat().st_size
+    mnt = mounter("--manifest", man, "--cache-dir", tmp_path / "c",
+                  "--cache-size", str(int(size * 1.5)))
+    path = mnt.mountpoint / "model.safetensors"
+    assert sha(path) == sha(src)
+    wait_for(lambda: wholes(mnt, "no room") == 1, what="the copy to be refused")
+    fetched = mnt.stats()["chunks_fetched"]
+    drop_pages(path)
+    assert sha(path) == sha(src)  # its chunks stayed: served from the cache
+    s = mnt.stats()
+    assert s["passthrough_opens"] == 0 and s["chunks_fetched"] == fetched
+
+
+def test_no_passthrough_makes_no_copies(model, mounter, tmp_path):
+    man, src, want = model
+    cache = tmp_path / "c"
+    mnt = mounter("--manifest", man, "--cache-dir", cache, "--no-passthrough")
+    path = mnt.mountpoint / "model.safetensors"
+    assert sha(path) == sha(src)
+    assert load(path) == want
+    s = mnt.stats()
+    assert s["passthrough"] == "off: turned off" and s["passthrough_opens"] == 0
+    assert s["whole_files"] == {} and not (cache / "files").exists()
+
+
+def test_a_switch_leaves_a_passed_through_file_reading_its_version(model, mounter, tmp_path,
+                                                                 store):
+    """A file changed by a switch is a new inode: its old handle, passed through, reads the old
+    bytes to the end; new opens read the new version."""
+    from safetensors.numpy import save_file
+
+    man, src, want = model
+    mnt = mounter("--manifest", man, "--cache-dir", tmp_path / "c")
+    path = mnt.mountpoint / "model.safetensors"
+    assert sha(path) == sha(src)
+    wait_for(lambda: wholes(mnt, "made") == 1, what="the whole copy")
+    d2 = tmp_path / "model2"
+    d2.mkdir()
+    rng = np.random.default_rng(9)
+    save_file({"w": rng.standard_normal((1024, 2048), dtype=np.float32)}, str(d2 / "model.safetensors"))
+    man2 = generate_into(store, d2, "pt", "v2", tmp_path)
+    with open(path, "rb") as old:
+        assert mnt.stats()["passthrough_opens"] == 1
+        run_mlfs("switch", mnt.mountpoint, man2)
+        assert sha(path) == sha(d2 / "model.safetensors")
+        assert old.read() == src.read_bytes()
+
+
+# -- in-process ----------------------------------------------------------------------------------
+def test_routes_keep_an_inode_on_one_way():
+    r = passthrough.Routes()
+    r.open(5, None)
+    r.open(5, None)
+    assert r.through_daemon(5) and r.backing(5) is None
+    with pytest.raises(ValueError):
+        r.open(5, 7)
+    assert r.close(5, False) is None and r.through_daemon(5)
+    assert r.close(5, False) is None and not r.through_daemon(5)
+    r.open(5, 7)
+    r.open(5, 7)
+    assert r.backing(5) == 7 and not r.through_daemon(5)
+    with pytest.raises(ValueError):
+        r.open(5, None)
+    with pytest.raises(ValueError):
+        r.open(5, 8)  # one backing file per inode
+    assert r.close(5, True) is None
+    assert r.close(5, True) == 7  # the last one: its backing id is closed
+    assert r.backing(5) is None
+    r.open(5, None)  # either way again
+    assert r.through_daemon(5)
+
+
+def _cached_entry(cache: ChunkCache, pieces: list[bytes], digest: str | None = None) -> FileEntry:
+    import blake3
+
+    ids = []
+    for p in pieces:
+        cid = blake3.blake3(p).hexdigest()
+        assert cache.put(cid, p)
+        ids.append(cid)
+    whole = b"".join(pieces)
+    return FileEntry("m.bin", len(whole), 0o644, digest or blake3.blake3(whole).hexdigest(), ids,
+                     [len(p) for p in pieces])
+
+
+def test_make_whole_checks_what_it_copies(tmp_path):
+    rng = np.random.default_rng(3)
+    pieces = [rng.bytes(3 << 20), rng.bytes(1 << 20), rng.bytes(200_000)]
+    cache = ChunkCache(tmp_path / "c", 64 << 20)
+    entry = _cached_entry(cache, pieces)
+    assert passthrough.make_whole(cache, entry) == "made"
+    copy = cache.whole_file(entry.blake3)
+    assert copy is not None and copy.read_bytes() == b"".join(pieces)
+    assert passthrough.make_whole(cache, entry) == "exists"
+    assert cache.stats()["bytes"] >= 2 * entry.size  # counted against the cache's size
+    # A manifest whose whole-file blake3 is not its chunks' bytes: no copy.
+    wrong = _cached_entry(cache, pieces[::-1], digest="0" * 64)
+    assert passthrough.make_whole(cache, wrong) == "damaged"
+    assert cache.whole_file("0" * 64) is None and not list((tmp_path / "c" / "tmp").iterdir())
+    # A chunk missing, or damaged: no copy.
+    e3 = _cached_entry(cache, [pieces[2], pieces[1]])
+    cache.path(e3.chunk_ids[0]).unlink()
+    assert passthrough.make_whole(cache, e3) == "partial"
+    e4 = _cached_entry(cache, [pieces[1], rng.bytes(300_000)])
+    damaged = bytearray(cache.path(e4.chunk_ids[1]).read_bytes())
+    damaged[7] ^= 1
+    cache.path(e4.chunk_ids[1]).write_bytes(bytes(damaged))
+    assert passthrough.make_whole(cache, e4) == "partial"
+    assert cache.corrupt == 1 and not cache.contains(e4.chunk_ids[1])
+
+
+def test_make_whole_evicts_others_but_never_its_own_chunks(tmp_path):
+    rng = np.random.default_rng(4)
+    cache = ChunkCache(tmp_path / "c", 11 << 20)
+    old = _cached_entry(cache, [rng.bytes(3 << 20)])
+    entry = _cached_entry(cache, [rng.bytes(2 << 20), rng.bytes(2 << 20)])
+    assert passthrough.make_whole(cache, entry) == "made"  # the older chunk made room
+    assert not cache.contains(old.chunk_ids[0]) and all(map(cache.contains, entry.chunk_ids))
+    big = _cached_entry(cache, [rng.bytes(6 << 20)])  # evicts the copy's chunks, older than it
+    assert cache.whole_file(entry.blake3) is not None
+    assert not any(map(cache.contains, entry.chunk_ids))
+    # 4 + 6 + 6 MiB: the copy could go, but only its own chunk would make enough room.
+    assert passthrough.make_whole(cache, big) == "no room"
+    assert cache.contains(big.chunk_ids[0]) and cache.whole_file(entry.blake3) is not None
+
+
+def test_whole_copies_are_not_used_where_others_can_write_the_cache(tmp_path):
+    root = tmp_path / "c"
+    cache = ChunkCache(root, 64 << 20)
+    entry = _cached_entry(cache, [np.random.default_rng(6).bytes(1 << 20)])
+    assert passthrough.make_whole(cache, entry) == "made"
+    os.chmod(root / "files", 0o777)
+    assert cache.whole_file(entry.blake3) is None
+    os.chmod(root, 0o777)
+    assert passthrough.make_whole(ChunkCache(root, 64 << 20), entry) == "untrusted"
+
+
+def test_prune_removes_copies_the_index_does_not_hold(tmp_path):
+    cache = ChunkCache(tmp_path / "c", 64 << 20)
+    entry = _cached_entry(cache, [np.random.default_rng(7).bytes(1 << 20)])
+    assert passthrough.make_whole(cache, entry) == "made"
+    planted = tmp_path / "c" / "files" / ("1" * 64)
+    planted.write_bytes(b"not admitted")
+    assert cache.whole_file("1" * 64) is None  # never admitted: not used
+    assert cache.prune()["whole_strays_removed"] == 1
+    assert not planted.exists() and cache.whole_file(entry.blake3) is not None
