@@ -407,6 +407,12 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         backing = self._backing(inode, node.entry) if unique is not None else None
+        if backing is None and self.routes.backing(inode) is not None:
+            # Passthrough stopped while files of this inode are passed through: the kernel
+            # would refuse an open through the daemon beside them, and this one cannot be named.
+            log.warning("open of inode %d refused: it is passed through, and passthrough has "
+                        "stopped (%s)", inode, self.kernel.stopped if self.kernel else "")
+            raise pyfuse3.FUSEError(errno.EIO)
         self.routes.open(inode, backing)
         self.handles[fh] = Handle(inode, node.entry, direct=backing is not None)
         self.opened[inode] = self.opened.get(inode, 0) + 1

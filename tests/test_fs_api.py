@@ -595,3 +595,78 @@ def test_blocks_are_remembered_only_where_seals_are_trusted(tmp_path):
     data2 = os.urandom(PIECE)
     cid2 = blake3.blake3(data2).hexdigest()
     assert cache.put(cid2, data2) and not cache.has_blocks(cid2)
+
+
+class FakeKernel:
+    """passthrough.Kernel as the daemon sees it, without a kernel: OPEN ids, backing files
+    registered and closed, replies named for passthrough."""
+
+    def __init__(self) -> None:
+        self.active, self.stopped = True, None
+        self.unique = 0
+        self.registered: list = []
+        self.closed: list[int] = []
+        self.expected: list[tuple[int, int, int]] = []
+
+    def open_unique(self) -> int:
+        self.unique += 1
+        return self.unique
+
+    def register(self, path, size: int) -> int:
+        assert os.path.getsize(path) == size
+        self.registered.append(path)
+        return len(self.registered)
+
+    def unregister(self, backing: int) -> None:
+        self.closed.append(backing)
+
+    def expect(self, unique: int, fh: int, backing: int) -> None:
+        self.expected.append((unique, fh, backing))
+
+    def describe(self) -> str:
+        return "on"
+
+
+def test_opens_go_one_way_per_inode_and_pass_through_once_a_copy_exists(model, tmp_path):
+    """docs/adr/0035, the daemon's side: a file read whole through the daemon gets a whole copy
+    once released; while a file of the inode is open through the daemon, new opens go that way
+    too; then opens are passed through, all to one backing id, closed with the last of them."""
+    store, m, blob = model
+    ops, source, _ = make_ops(store, m, tmp_path)
+    kernel = ops.kernel = FakeKernel()
+
+    async def read_all(fh: int) -> bytes:
+        out = bytearray()
+        while len(out) < len(blob):
+            out += await ops.read(fh, len(out), 1 << 20)
+        return bytes(out)
+
+    async def go(n):
+        ops.supervisor.nursery = n
+        held = await open_file(ops, "blob.bin")  # no copy yet: through the daemon
+        reader = await open_file(ops, "blob.bin")
+        assert await read_all(reader) == blob
+        await ops.release(reader)
+        await until(lambda: ops.wholes.get("made") == 1)
+        copy = source.cache.whole_file(next(f for f in m.files if f.path == "blob.bin").blake3)
+        assert copy is not None and copy.read_bytes() == blob
+        beside = await ops.open((await ops.lookup(ROOT_INODE, b"blob.bin")).st_ino, os.O_RDONLY, None)
+        assert beside.keep_cache and not kernel.expected  # `held` is open through the daemon
+        assert await read_all(beside.fh) == blob
+        for fh in (held, beside.fh):
+            await ops.release(fh)
+        ino = (await ops.lookup(ROOT_INODE, b"blob.bin")).st_ino
+        a = await ops.open(ino, os.O_RDONLY, None)
+        b = await ops.open(ino, os.O_RDONLY, None)
+        assert not a.keep_cache and not b.keep_cache
+        assert [(fh, bid) for _, fh, bid in kernel.expected] == [(a.fh, 1), (b.fh, 1)]
+        assert kernel.registered == [copy]  # one backing file for the inode
+        small = await open_file(ops, "config.json")  # under 4 MiB: never passed through
+        assert len(kernel.expected) == 2
+        await ops.release(small)
+        await ops.release(a.fh)
+        assert kernel.closed == []
+        await ops.release(b.fh)
+        assert kernel.closed == [1]  # with the last one passed through
+        assert ops.stats()["passthrough_opens"] == 2
+    run(go)
