@@ -85,6 +85,10 @@ MEND_MIN = 4 << 20
 #: Runs of missing pages read back (in one worker thread) and pushed per step of a mend, each of
 #: at most MEND_RUN pages: a step holds at most 8 MiB.
 MEND_BATCH = 32
+#: A whole copy (docs/adr/0035) waits for the daemon to have served no read for this long and
+#: to stream nothing, but at most WHOLE_QUIET_MAX seconds.
+WHOLE_QUIET = 1.0
+WHOLE_QUIET_MAX = 30.0
 MEND_RUN = 64
 #: notify_store calls at once.  One thread spent 0.35-0.41 s of a 0.65 s warm stream of 555 MiB in
 #: them; two brought the stream to 0.55-0.63 s (docs/adr/0019).  Disk threads (4 or 8) did not matter.
@@ -249,6 +253,7 @@ class Operations(pyfuse3.Operations):
         self._whole_pending: set[str] = set()
         self._whole_limit = trio.CapacityLimiter(1)  # one copy written at a time
         self.passthrough_opens = 0
+        self._last_read = 0.0  # monotonic time of the last read through the daemon
         self.wholes: dict[str, int] = {}  # make_whole's outcomes, counted
         self.whole_bytes = 0  # bytes of whole copies written
         self.uid = os.getuid()
@@ -462,6 +467,12 @@ class Operations(pyfuse3.Operations):
         async with self._whole_limit:
             if not self._whole_queue:
                 return
+            # A copy reads and writes the file's bytes once more: not while a load through the
+            # daemon runs (the next shard of a checkpoint, another model), up to a point.
+            give_up = time.monotonic() + WHOLE_QUIET_MAX
+            while ((self._streams or time.monotonic() - self._last_read < WHOLE_QUIET)
+                   and time.monotonic() < give_up):
+                await trio.sleep(WHOLE_QUIET / 4)
             digest, entry = self._whole_queue.popitem(last=False)
             self._whole_pending.add(digest)
             try:
@@ -611,6 +622,7 @@ class Operations(pyfuse3.Operations):
         h = self.handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        self._last_read = time.monotonic()
         entry = h.entry
         debug = log.isEnabledFor(logging.DEBUG)
         if debug:

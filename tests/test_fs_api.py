@@ -627,10 +627,14 @@ class FakeKernel:
         return "on"
 
 
-def test_opens_go_one_way_per_inode_and_pass_through_once_a_copy_exists(model, tmp_path):
+def test_opens_go_one_way_per_inode_and_pass_through_once_a_copy_exists(model, tmp_path,
+                                                                        monkeypatch):
     """docs/adr/0035, the daemon's side: a file read whole through the daemon gets a whole copy
     once released; while a file of the inode is open through the daemon, new opens go that way
     too; then opens are passed through, all to one backing id, closed with the last of them."""
+    import mlfs.fs
+
+    monkeypatch.setattr(mlfs.fs, "WHOLE_QUIET", 0.05)  # the copy waits for reads to pause
     store, m, blob = model
     ops, source, _ = make_ops(store, m, tmp_path)
     kernel = ops.kernel = FakeKernel()
