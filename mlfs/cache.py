@@ -33,6 +33,7 @@ through the page cache (for comparisons).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -99,6 +100,19 @@ def _unseal(chunk_id: str, raw: bytes) -> bytes | None:
     return None
 
 
+@contextlib.contextmanager
+def _immediate(db: sqlite3.Connection):
+    """One write transaction of the index: committed when the block ends (also by a return),
+    rolled back if it raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def _columns(db: sqlite3.Connection, table: str) -> set[str]:
     return {row[1] for row in db.execute(f"PRAGMA table_info([{table}])")}
 
@@ -161,8 +175,7 @@ class ChunkCache:
         db = self._db()
         if "totals" in _tables(db) and "blocks" in _columns(db, "chunks"):
             return
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(db):
             if "chunks" not in _tables(db):
                 db.execute("CREATE TABLE chunks ([id] TEXT PRIMARY KEY, [size] INTEGER, [atime] FLOAT)")
                 db.execute("CREATE INDEX idx_chunks_atime ON chunks (atime)")
@@ -181,10 +194,6 @@ class ChunkCache:
                 # The chunk's block checksums (get_part), written with the chunk: a new mount
                 # reads a few blocks of a chunk without reading it whole first (docs/adr/0029).
                 db.execute("ALTER TABLE chunks ADD COLUMN [blocks] BLOB")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     # -- plumbing -------------------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -465,21 +474,15 @@ class ChunkCache:
         sums = self._block_sums(chunk_id, data) if len(data) >= SMALL_CHUNK else None
         db = self._db()
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate(db):
                 if db.execute("SELECT 1 FROM chunks WHERE id = ?", [chunk_id]).fetchone():
-                    db.execute("COMMIT")
                     tmp.unlink(missing_ok=True)
                     return True
-                victims = self._make_room(db, size)
+                self._make_room(db, size)
                 final.parent.mkdir(mode=0o755, exist_ok=True)
                 os.replace(tmp, final)
                 db.execute("INSERT INTO chunks (id, size, atime, blocks) VALUES (?, ?, ?, ?)",
                            [chunk_id, size, time.time(), sums])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         except (OSError, sqlite3.Error):
             self.write_errors += 1
             tmp.unlink(missing_ok=True)
@@ -540,25 +543,18 @@ class ChunkCache:
             self.flush_atimes()
             (self.root / "files").mkdir(mode=0o755, exist_ok=True)
             db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate(db):
                 if db.execute("SELECT 1 FROM chunks WHERE id = ?", [name]).fetchone():
                     if not self.path(name).is_file():  # removed by hand: this one takes its place
                         os.replace(tmp, self.path(name))
-                    db.execute("COMMIT")
                     tmp.unlink(missing_ok=True)
                     return True
-                if self._make_room(db, size, keep) is None:
-                    db.execute("ROLLBACK")
+                if self._make_room(db, size, keep) is None:  # nothing was evicted
                     tmp.unlink(missing_ok=True)
                     return False
                 os.replace(tmp, self.path(name))
                 db.execute("INSERT INTO chunks (id, size, atime) VALUES (?, ?, ?)",
                            [name, size, time.time()])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         except (OSError, sqlite3.Error):
             self.write_errors += 1
             tmp.unlink(missing_ok=True)
@@ -629,8 +625,7 @@ class ChunkCache:
         db = self._db()
         n = 0
         self.flush_atimes()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(db):
             total = db.execute("SELECT bytes FROM totals").fetchone()[0]
             for vid, vsize in list(db.execute("SELECT id, size FROM chunks ORDER BY atime")):
                 if total <= target:
@@ -639,10 +634,6 @@ class ChunkCache:
                 self.path(vid).unlink(missing_ok=True)
                 total -= vsize
                 n += 1
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return n
 
     def clear(self) -> int:

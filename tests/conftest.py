@@ -264,3 +264,38 @@ def with_note(base, store, i: int, name: str = "v"):
     store.put_chunk(cid, body)
     note = mf.FileEntry("note.txt", len(body), 0o644, cid, [cid], [len(body)])
     return mf.Manifest(base.id, f"{name}{i}", [*base.files, note], store=store.url)
+
+
+# A loader: safe_open + get_tensor of every tensor in key order (mmap underneath), each tensor's
+# bytes hashed and dropped, so that the process itself holds little memory.
+SAFE_OPEN_LOADER = """
+import hashlib, json, sys
+from safetensors import safe_open
+out = {}
+with safe_open(sys.argv[1], "np") as f:
+    for k in f.keys():
+        out[k] = hashlib.sha256(f.get_tensor(k).tobytes()).hexdigest()
+print(json.dumps(out))
+"""
+
+
+def llm_shaped(tmp_path: Path, store, layers: int, seed: int, model_id: str = "llm"):
+    """An LLM-shaped safetensors model written by safetensors (per layer: a 2 MiB fp16 attention
+    tensor of random bits, a 2 MiB fp32 MLP tensor, a small norm), generated into *store*: its
+    manifest file, the model file and every tensor's sha256 (what SAFE_OPEN_LOADER prints)."""
+    import hashlib
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    t = {}
+    for i in range(layers):
+        t[f"layers.{i:02d}.attn.weight"] = rng.integers(0, 2**16, (1024, 1024), dtype=np.uint16).view(np.float16)
+        t[f"layers.{i:02d}.mlp.weight"] = rng.standard_normal((512, 1024), dtype=np.float32)
+        t[f"layers.{i:02d}.norm.weight"] = rng.standard_normal(1024, dtype=np.float32)
+    d = tmp_path / model_id
+    d.mkdir()
+    save_file(t, str(d / "model.safetensors"))
+    want = {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in t.items()}
+    return generate_into(store, d, model_id, "v1", tmp_path), d / "model.safetensors", want

@@ -4,47 +4,24 @@ cache is evicted under the loader mid-load.  Exact bytes every time."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import generate_into, require, wait_for
+from conftest import SAFE_OPEN_LOADER, generate_into, llm_shaped, require, wait_for
 
-# A loader: safe_open + get_tensor of every tensor in key order (mmap underneath), each tensor's
-# bytes hashed and dropped, so that the process itself holds little memory.
-LOADER = """
-import hashlib, json, sys
-from safetensors import safe_open
-out = {}
-with safe_open(sys.argv[1], "np") as f:
-    for k in f.keys():
-        out[k] = hashlib.sha256(f.get_tensor(k).tobytes()).hexdigest()
-print(json.dumps(out))
-"""
+LOADER = SAFE_OPEN_LOADER
 
 
 @pytest.fixture
 def llm(tmp_path, store):
     """About 96 MiB in 48 tensors of 2 MiB (fp16 and fp32) and small norms."""
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(2)
-    t = {}
-    for i in range(24):
-        t[f"layers.{i:02d}.attn.weight"] = rng.integers(0, 2**16, (1024, 1024), dtype=np.uint16).view(np.float16)
-        t[f"layers.{i:02d}.mlp.weight"] = rng.standard_normal((512, 1024), dtype=np.float32)
-        t[f"layers.{i:02d}.norm.weight"] = rng.standard_normal(1024, dtype=np.float32)
-    d = tmp_path / "llm"
-    d.mkdir()
-    save_file(t, str(d / "model.safetensors"))
-    want = {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in t.items()}
-    return generate_into(store, d, "llm", "v1", tmp_path), want
+    man, _, want = llm_shaped(tmp_path, store, 24, 2)
+    return man, want
 
 
 def test_four_processes_load_through_mmap_at_once(llm, mounter, tmp_path):

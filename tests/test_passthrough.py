@@ -4,7 +4,6 @@ in-process below them."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -14,38 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import generate_into, run_mlfs, sha, wait_for
+from conftest import SAFE_OPEN_LOADER, generate_into, llm_shaped, run_mlfs, sha, wait_for
 from mlfs import passthrough
 from mlfs.cache import ChunkCache
 from mlfs.manifest import FileEntry
 
-# safe_open + get_tensor of every tensor (mmap underneath), each tensor's bytes hashed.
-LOADER = """
-import hashlib, json, sys
-from safetensors import safe_open
-out = {}
-with safe_open(sys.argv[1], "np") as f:
-    for k in f.keys():
-        out[k] = hashlib.sha256(f.get_tensor(k).tobytes()).hexdigest()
-print(json.dumps(out))
-"""
+LOADER = SAFE_OPEN_LOADER
 
 
 @pytest.fixture
 def model(tmp_path, store):
-    """About 40 MiB in 20 tensors (fp16 and fp32), written by safetensors."""
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(5)
-    t = {}
-    for i in range(10):
-        t[f"layers.{i}.attn"] = rng.integers(0, 2**16, (1024, 1024), dtype=np.uint16).view(np.float16)
-        t[f"layers.{i}.mlp"] = rng.standard_normal((512, 1024), dtype=np.float32)
-    d = tmp_path / "model"
-    d.mkdir()
-    save_file(t, str(d / "model.safetensors"))
-    want = {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in t.items()}
-    return generate_into(store, d, "pt", "v1", tmp_path), d / "model.safetensors", want
+    """About 40 MiB in 30 tensors (fp16, fp32, small norms), written by safetensors."""
+    return llm_shaped(tmp_path, store, 10, 5, model_id="pt")
 
 
 def load(path: Path) -> dict:
@@ -67,13 +46,19 @@ def wholes(mnt, kind: str) -> int:
     return mnt.stats()["whole_files"].get(kind, 0)
 
 
-def test_a_file_read_whole_is_passed_through_at_its_next_open(model, mounter, tmp_path):
-    man, src, want = model
-    cache = tmp_path / "c"
+def copied(mounter, man, src: Path, cache: Path):
+    """A mount of *man* whose model file was read whole once and then copied whole."""
     mnt = mounter("--manifest", man, "--cache-dir", cache)
     path = mnt.mountpoint / "model.safetensors"
     assert sha(path) == sha(src)
     wait_for(lambda: wholes(mnt, "made") == 1, what="the whole copy")
+    return mnt, path
+
+
+def test_a_file_read_whole_is_passed_through_at_its_next_open(model, mounter, tmp_path):
+    man, src, want = model
+    cache = tmp_path / "c"
+    mnt, path = copied(mounter, man, src, cache)
     copies = list((cache / "files").iterdir())
     assert len(copies) == 1 and sha(copies[0]) == sha(src)
     before = mnt.stats()
@@ -182,10 +167,7 @@ def test_a_copy_gone_from_the_disk_leaves_open_files_reading(model, mounter, tmp
     again."""
     man, src, want = model
     cache = tmp_path / "c"
-    mnt = mounter("--manifest", man, "--cache-dir", cache)
-    path = mnt.mountpoint / "model.safetensors"
-    assert sha(path) == sha(src)
-    wait_for(lambda: wholes(mnt, "made") == 1, what="the whole copy")
+    mnt, path = copied(mounter, man, src, cache)
     with open(path, "rb") as f:
         assert mnt.stats()["passthrough_opens"] == 1
         for copy in (cache / "files").iterdir():
@@ -234,10 +216,7 @@ def test_a_switch_leaves_a_passed_through_file_reading_its_version(model, mounte
     from safetensors.numpy import save_file
 
     man, src, want = model
-    mnt = mounter("--manifest", man, "--cache-dir", tmp_path / "c")
-    path = mnt.mountpoint / "model.safetensors"
-    assert sha(path) == sha(src)
-    wait_for(lambda: wholes(mnt, "made") == 1, what="the whole copy")
+    mnt, path = copied(mounter, man, src, tmp_path / "c")
     d2 = tmp_path / "model2"
     d2.mkdir()
     rng = np.random.default_rng(9)
