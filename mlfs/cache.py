@@ -528,7 +528,7 @@ class ChunkCache:
                 return None
         except sqlite3.Error:
             return None
-        self.touch(name)
+        self.touch(name, flush=False)  # on the event loop (an open): written with the next batch
         return path
 
     def put_whole(self, digest: str, tmp: Path, keep: frozenset[str]) -> bool:
@@ -538,8 +538,12 @@ class ChunkCache:
         name = WHOLE + digest
         try:
             size = tmp.stat().st_size
-            if size > self.max_bytes:
-                raise OSError("larger than the cache")
+        except OSError:
+            return False
+        if size > self.max_bytes:
+            tmp.unlink(missing_ok=True)
+            return False
+        try:
             self.flush_atimes()
             (self.root / "files").mkdir(mode=0o755, exist_ok=True)
             db = self._db()

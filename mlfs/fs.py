@@ -19,6 +19,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import mmap
 import os
 import time
@@ -89,6 +90,9 @@ MEND_BATCH = 32
 #: to stream nothing, but at most WHOLE_QUIET_MAX seconds.
 WHOLE_QUIET = 1.0
 WHOLE_QUIET_MAX = 30.0
+#: Once the mount is ending, copies (begun, or asked for) get this many seconds more; the rest
+#: are left to a later mount.
+WHOLE_AT_EXIT = 10.0
 MEND_RUN = 64
 #: notify_store calls at once.  One thread spent 0.35-0.41 s of a 0.65 s warm stream of 555 MiB in
 #: them; two brought the stream to 0.55-0.63 s (docs/adr/0019).  Disk threads (4 or 8) did not matter.
@@ -252,6 +256,7 @@ class Operations(pyfuse3.Operations):
         self._whole_queue: OrderedDict[str, FileEntry] = OrderedDict()
         self._whole_pending: set[str] = set()
         self._whole_limit = trio.CapacityLimiter(1)  # one copy written at a time
+        self._whole_deadline = math.inf  # monotonic time after which copies are abandoned
         self.passthrough_opens = 0
         self._last_read = 0.0  # monotonic time of the last read through the daemon
         self.wholes: dict[str, int] = {}  # make_whole's outcomes, counted
@@ -482,10 +487,15 @@ class Operations(pyfuse3.Operations):
                 self._whole_pending.discard(digest)
         self._count_whole(entry, outcome)
 
+    def ending(self) -> None:
+        """The session ended: copies have WHOLE_AT_EXIT seconds more (finish_wholes)."""
+        self._whole_deadline = min(self._whole_deadline, time.monotonic() + WHOLE_AT_EXIT)
+
     def finish_wholes(self) -> None:
         """At unmount, after the session ended: make the copies asked for that had not begun
         (a load's release comes just before an unmount, often), so that the next mount of the
-        same cache passes their files through."""
+        same cache passes their files through; within WHOLE_AT_EXIT seconds."""
+        self.ending()
         while self._whole_queue:
             _, entry = self._whole_queue.popitem(last=False)
             self._count_whole(entry, self._whole_sync(entry))
@@ -504,7 +514,7 @@ class Operations(pyfuse3.Operations):
     def _whole_sync(self, entry: FileEntry) -> str:
         # A file just read whole may have chunks on their way to the disk cache.
         self.source.wait_written(entry.chunk_ids)
-        return passthrough.make_whole(self.source.cache, entry)
+        return passthrough.make_whole(self.source.cache, entry, self._whole_deadline)
 
     async def _mend(self, inode: int, entry: FileEntry) -> None:
         """Fill the holes the kernel left in the page cache of *inode*, a file it holds almost

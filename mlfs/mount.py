@@ -181,6 +181,7 @@ def _serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts
 
     async def _fuse_loop(nursery: trio.Nursery) -> None:
         await pyfuse3.main()
+        ops.ending()  # a whole copy being written gets a few seconds more (docs/adr/0035)
         nursery.cancel_scope.cancel()  # unmounted from outside: stop background work too
 
     async def _signals(nursery: trio.Nursery) -> None:
@@ -190,6 +191,7 @@ def _serve(manifest: Manifest | None, store: Store | None, mountpoint: str, opts
                     early.caught = sig
                     break
             log.info("signal %s: unmounting", early.caught)
+            ops.ending()
             pyfuse3.terminate()
             nursery.cancel_scope.cancel()
 

@@ -21,8 +21,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import math
 import os
 import struct
+import time
 import uuid
 
 import blake3
@@ -169,12 +171,13 @@ class Routes:
         return d[0]
 
 
-def make_whole(cache, entry) -> str:
+def make_whole(cache, entry, deadline: float = math.inf) -> str:
     """In a worker thread: write the whole copy of *entry* from its cached chunks, check it and
     admit it (ChunkCache.put_whole).  Returns what happened: ``made``, ``exists``, ``partial``
     (a chunk is not cached, or was found damaged: it is fetched again when read), ``no room``
     (only its own chunks could make room), ``damaged`` (the bytes are not the manifest's
-    blake3), ``untrusted`` (others can write the cache) or ``failed: <why>`` (the disk)."""
+    blake3), ``untrusted`` (others can write the cache), ``abandoned`` (``time.monotonic()``
+    passed *deadline*: the mount is ending) or ``failed: <why>`` (the disk)."""
     if not cache.trust_seals:
         return "untrusted"
     if cache.whole_file(entry.blake3) is not None:
@@ -189,6 +192,8 @@ def make_whole(cache, entry) -> str:
             digest = blake3.blake3()
             pos = 0
             for cid, size in zip(entry.chunk_ids, entry.chunk_sizes):
+                if time.monotonic() > deadline:
+                    return "abandoned"
                 data = cache.get(cid, size)
                 if data is None:
                     return "partial"

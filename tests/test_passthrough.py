@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +272,10 @@ def test_make_whole_checks_what_it_copies(tmp_path):
     pieces = [rng.bytes(3 << 20), rng.bytes(1 << 20), rng.bytes(200_000)]
     cache = ChunkCache(tmp_path / "c", 64 << 20)
     entry = _cached_entry(cache, pieces)
+    # A mount that is ending abandons a copy past its deadline, and leaves nothing behind.
+    assert passthrough.make_whole(cache, entry, deadline=time.monotonic() - 1) == "abandoned"
+    assert cache.whole_file(entry.blake3) is None
+    assert not list((tmp_path / "c" / "tmp").iterdir())
     assert passthrough.make_whole(cache, entry) == "made"
     copy = cache.whole_file(entry.blake3)
     assert copy is not None and copy.read_bytes() == b"".join(pieces)
