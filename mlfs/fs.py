@@ -481,7 +481,7 @@ class Operations(pyfuse3.Operations):
             digest, entry = self._whole_queue.popitem(last=False)
             self._whole_pending.add(digest)
             try:
-                # Not abandoned at unmount: a copy begun is finished (a second or two).
+                # Not abandoned by trio at unmount: a copy begun stops at its deadline (ending).
                 outcome = await trio.to_thread.run_sync(self._whole_sync, entry)
             finally:
                 self._whole_pending.discard(digest)
