@@ -50,7 +50,6 @@ class Kernel:
 
     def __init__(self, fuse_fd: int | None, want: bool = True) -> None:
         self.fd = fuse_fd
-        self.installed = False
         self.stopped: str | None = None  # why no more opens are passed through
         self._last_unique = 0
         if not want or not ENABLED:
@@ -63,8 +62,7 @@ class Kernel:
             self.stopped = "the session's /dev/fuse descriptor is not known"
         else:
             # Before the session reads INIT: the reply to it must say FUSE_PASSTHROUGH.
-            self.installed = _hook.install(fuse_fd, True) == 2
-            if not self.installed:
+            if _hook.install(fuse_fd, True) != 2:  # both of libfuse's read and writev, or none
                 self.stopped = "libfuse's read and writev could not be hooked"
 
     @property
@@ -115,10 +113,6 @@ class Kernel:
     def expect(unique: int, fh: int, backing: int) -> None:
         """Answer OPEN *unique* (file handle *fh*) with passthrough to *backing*."""
         _hook.expect(unique, fh, backing)
-
-    @staticmethod
-    def patched_opens() -> int:
-        return _hook.state()["opens"] if _hook is not None else 0
 
 
 class Routes:
