@@ -515,9 +515,9 @@ class ChunkCache:
         return victims
 
     # -- whole files (FUSE passthrough, docs/adr/0035) -------------------------------------------
-    def whole_file(self, digest: str) -> Path | None:
+    def whole_file(self, digest: str, touch: bool = True) -> Path | None:
         """The whole copy of the file whose blake3 is *digest*, if the cache holds one (its use
-        counts for the LRU).  Never where others can write the cache: nothing checks a whole
+        counts for the LRU, if *touch*).  Never where others can write the cache: nothing checks a whole
         copy's bytes once admitted (the kernel serves them)."""
         name = WHOLE + digest
         path = self.path(name)
@@ -528,7 +528,8 @@ class ChunkCache:
                 return None
         except sqlite3.Error:
             return None
-        self.touch(name, flush=False)  # on the event loop (an open): written with the next batch
+        if touch:  # on the event loop (an open): written with the next batch
+            self.touch(name, flush=False)
         return path
 
     def put_whole(self, digest: str, tmp: Path, keep: frozenset[str]) -> bool:

@@ -93,6 +93,9 @@ WHOLE_QUIET_MAX = 30.0
 #: Once the mount is ending, copies (begun, or asked for) get this many seconds more; the rest
 #: are left to a later mount.
 WHOLE_AT_EXIT = 10.0
+#: An open of a file whose whole copy a switch is writing (docs/adr/0036) waits at most this long
+#: for it: the copy reads what the load would read, and the load after it is the kernel's.
+WHOLE_OPEN_WAIT = 2.0
 MEND_RUN = 64
 #: notify_store calls at once.  One thread spent 0.35-0.41 s of a 0.65 s warm stream of 555 MiB in
 #: them; two brought the stream to 0.55-0.63 s (docs/adr/0019).  Disk threads (4 or 8) did not matter.
@@ -252,9 +255,12 @@ class Operations(pyfuse3.Operations):
         #: the in-process tier has none), and which way each inode's open files go.
         self.kernel: passthrough.Kernel | None = None
         self.routes = passthrough.Routes()
-        # Files to consider for a whole copy (by blake3), and those being considered now.
-        self._whole_queue: OrderedDict[str, FileEntry] = OrderedDict()
+        # Files to consider for a whole copy (by blake3; with the quiet it waits for), and those
+        # being considered now.
+        self._whole_queue: OrderedDict[str, tuple[FileEntry, float]] = OrderedDict()
         self._whole_pending: set[str] = set()
+        # Copies a switch asked for (prepare_wholes), set when considered: opens wait for them.
+        self._whole_ready: dict[str, trio.Event] = {}
         self._whole_limit = trio.CapacityLimiter(1)  # one copy written at a time
         self._whole_deadline = math.inf  # monotonic time after which copies are abandoned
         self.passthrough_opens = 0
@@ -414,6 +420,11 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
+        if unique is not None and node.entry is not None:
+            ready = self._whole_ready.get(node.entry.blake3)
+            if ready is not None and node.entry.blake3 in self._whole_pending:
+                with trio.move_on_after(WHOLE_OPEN_WAIT):  # a switch is writing its copy
+                    await ready.wait()
         fh = self._next_fh
         self._next_fh += 1
         backing = self._backing(inode, node.entry) if unique is not None else None
@@ -458,33 +469,60 @@ class Operations(pyfuse3.Operations):
             self.kernel.stop(f"the kernel refused backing file {path}: {e.strerror or e}")
             return None
 
-    def _consider_whole(self, entry: FileEntry) -> None:
+    def _consider_whole(self, entry: FileEntry, quiet: float = WHOLE_QUIET) -> bool:
         """After a file was read through the daemon: write its whole copy in the background if
-        all its chunks are cached and it has none (passthrough.make_whole)."""
+        all its chunks are cached and it has none (passthrough.make_whole), once the daemon has
+        streamed nothing and served no read for *quiet* seconds.  False if not asked for."""
         if (self.kernel is None or not self.kernel.active or entry.size < passthrough.MIN_SIZE
                 or entry.blake3 in self._whole_queue or entry.blake3 in self._whole_pending
                 or self.nursery is None):
-            return
-        self._whole_queue[entry.blake3] = entry
+            return False
+        self._whole_queue[entry.blake3] = (entry, quiet)
         self.supervisor.start(f"whole copy of {entry.path}", self._make_whole)
+        return True
+
+    def prepare_wholes(self, entries: list[FileEntry]) -> list[FileEntry]:
+        """After a switch (docs/adr/0036): whole copies of *entries*, files of the new version
+        that replace one loaded whole, as soon as no load streams through the daemon; an open
+        of one of them waits up to WHOLE_OPEN_WAIT for its copy.  Returns those asked for."""
+        asked = []
+        for e in entries:
+            if e.blake3 not in self._whole_ready and self._consider_whole(e, quiet=0.0):
+                self._whole_ready[e.blake3] = trio.Event()
+                asked.append(e)
+        return asked
+
+    async def wait_wholes(self, entries: list[FileEntry]) -> None:
+        """Until the copies prepare_wholes asked for of *entries* are made or refused."""
+        for e in entries:
+            ev = self._whole_ready.get(e.blake3)
+            if ev is not None:
+                await ev.wait()
 
     async def _make_whole(self) -> None:
         async with self._whole_limit:
             if not self._whole_queue:
                 return
             # A copy reads and writes the file's bytes once more: not while a load through the
-            # daemon runs (the next shard of a checkpoint, another model), up to a point.
+            # daemon runs (the next shard of a checkpoint, another model), up to a point.  It
+            # stays queued meanwhile: at unmount, finish_wholes makes it.
+            quiet = next(iter(self._whole_queue.values()))[1]
             give_up = time.monotonic() + WHOLE_QUIET_MAX
-            while ((self._streams or time.monotonic() - self._last_read < WHOLE_QUIET)
+            while ((self._streams or time.monotonic() - self._last_read < quiet)
                    and time.monotonic() < give_up):
                 await trio.sleep(WHOLE_QUIET / 4)
-            digest, entry = self._whole_queue.popitem(last=False)
+            if not self._whole_queue:
+                return
+            digest, (entry, _) = self._whole_queue.popitem(last=False)
             self._whole_pending.add(digest)
             try:
                 # Not abandoned by trio at unmount: a copy begun stops at its deadline (ending).
                 outcome = await trio.to_thread.run_sync(self._whole_sync, entry)
             finally:
                 self._whole_pending.discard(digest)
+                ready = self._whole_ready.pop(digest, None)
+                if ready is not None:
+                    ready.set()
         self._count_whole(entry, outcome)
 
     def ending(self) -> None:
@@ -497,7 +535,7 @@ class Operations(pyfuse3.Operations):
         same cache passes their files through; within WHOLE_AT_EXIT seconds."""
         self.ending()
         while self._whole_queue:
-            _, entry = self._whole_queue.popitem(last=False)
+            _, (entry, _) = self._whole_queue.popitem(last=False)
             self._count_whole(entry, self._whole_sync(entry))
 
     def _count_whole(self, entry: FileEntry, outcome: str) -> None:

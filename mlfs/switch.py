@@ -34,6 +34,7 @@ from typing import Callable
 import trio
 
 from . import manifest as mf
+from . import passthrough
 from .client import MAX_LINE
 from .errors import ManifestError, MlfsError, StoreError
 from .fetch import ChunkSource
@@ -130,16 +131,32 @@ class Switcher:
                              f"{store.describe()}{more}")
         return len(missing)
 
-    async def _fill(self, files: list[mf.FileEntry], label: str) -> None:
+    async def _fill(self, files: list[mf.FileEntry], label: str,
+                    wholes: list[mf.FileEntry]) -> None:
         """After a switch that did not warm: fetch what the new version lacks, as background
-        work (reads jump its queue).  A chunk that cannot be had now is left to the read that
-        needs it."""
+        work (reads jump its queue), then write the whole copies of *wholes*.  A chunk that
+        cannot be had now is left to the read that needs it."""
         try:
             # On the event loop: _missing peeks at the memory LRU, which only this thread touches.
             await self.source.warm(self._missing(files), background=True)
             log.info("background fetch of %s: done", label)
         except MlfsError as e:
             log.warning("background fetch of %s: %s (reads will fetch what is missing)", label, e)
+        self.ops.prepare_wholes(wholes)
+
+    def _successors(self, old: Tree, new: Tree) -> list[mf.FileEntry]:
+        """Files of *new* that replace, at their path, a file of *old* that has a whole copy:
+        a file loaded whole before the switch is likely loaded whole after it, and gets its
+        copy as soon as its chunks are here (docs/adr/0036)."""
+        kernel = self.ops.kernel
+        if kernel is None or not kernel.active:
+            return []
+        cache = self.source.cache
+        before = {f.path: f.blake3 for f in old.files}
+        return [f for f in new.files
+                if f.size >= passthrough.MIN_SIZE and before.get(f.path, f.blake3) != f.blake3
+                and cache.whole_file(before[f.path], touch=False) is not None
+                and cache.whole_file(f.blake3, touch=False) is None]
 
     def _discard(self, new: Tree) -> None:
         """Give back the inode numbers a tree that was never served took."""
@@ -157,9 +174,12 @@ class Switcher:
             t0 = time.monotonic()
             fetched0 = self.source.counters.bytes_fetched
             checked = 0
+            wholes = self._successors(old, new)
             try:
                 if warm:
                     await self._warm(new.files)
+                    # Warm means ready: the new version's loads are the kernel's from the flip.
+                    await self.ops.wait_wholes(self.ops.prepare_wholes(wholes))
                 elif check:
                     checked = await self._confirm(new.files)
             except BaseException:
@@ -178,7 +198,7 @@ class Switcher:
             t2 = time.monotonic()
             result = {"from": _label(old), "to": label or _label(new), "warm": warm,
                       "mode": "warm" if warm else "checked" if check else "now",
-                      "checked_chunks": checked,
+                      "checked_chunks": checked, "whole_copies": len(wholes),
                       "bytes_fetched": self.source.counters.bytes_fetched - fetched0,
                       "warm_seconds": round(t1 - t0, 4), "flip_seconds": round(t2 - t1, 4),
                       "total_seconds": round(t2 - t0, 4), "invalidated_entries": len(stale),
@@ -190,9 +210,9 @@ class Switcher:
                      result["to"], result["bytes_fetched"], t1 - t0, t2 - t1)
             self.ops.info["switches"] = self.ops.info.get("switches", 0) + 1
             wanted = new.files if fill is None else fill
-            if not warm and wanted:
+            if not warm and (wanted or wholes):
                 self.ops.supervisor.start(f"background fetch of {result['to']}",
-                                          lambda: self._fill(wanted, result["to"]))
+                                          lambda: self._fill(wanted, result["to"], wholes))
             if self.on_switch is not None:
                 self.on_switch(result)
             return result

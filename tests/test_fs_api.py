@@ -674,3 +674,37 @@ def test_opens_go_one_way_per_inode_and_pass_through_once_a_copy_exists(model, t
         assert kernel.closed == [1]  # with the last one passed through
         assert ops.stats()["passthrough_opens"] == 2
     run(go)
+
+
+def test_an_open_waits_for_the_copy_a_switch_is_writing(model, tmp_path, monkeypatch):
+    """docs/adr/0036: the copy of a file a switch asked for is being written when a loader opens
+    the file; the open waits for it and is passed through, rather than loading through the
+    daemon beside the copy.  Were the copy slower than WHOLE_OPEN_WAIT, the open would go through
+    the daemon."""
+    from mlfs import passthrough
+
+    store, m, blob = model
+    ops, source, _ = make_ops(store, m, tmp_path)
+    entry = next(f for f in m.files if f.path == "blob.bin")
+    slow = passthrough.make_whole
+
+    def make_whole(*a, **kw):
+        time.sleep(0.3)
+        return slow(*a, **kw)
+    monkeypatch.setattr(passthrough, "make_whole", make_whole)
+
+    async def go(n):
+        ops.supervisor.nursery = n
+        fh = await open_file(ops, "blob.bin")  # no kernel yet: the chunks cached, no copy asked
+        assert await ops.read(fh, 0, len(blob)) == blob
+        await ops.release(fh)
+        kernel = ops.kernel = FakeKernel()
+        assert ops.prepare_wholes([entry]) == [entry]
+        assert ops.prepare_wholes([entry]) == []  # asked for once
+        await until(lambda: ops.stats()["whole_files_pending"] == 1 and entry.blake3 in ops._whole_pending)
+        ino = (await ops.lookup(ROOT_INODE, b"blob.bin")).st_ino
+        fi = await ops.open(ino, os.O_RDONLY, None)
+        assert ops.wholes == {"made": 1} and [fh for _, fh, _ in kernel.expected] == [fi.fh]
+        await ops.release(fi.fh)
+        assert kernel.closed == [1]
+    run(go)

@@ -230,6 +230,62 @@ def test_a_switch_leaves_a_passed_through_file_reading_its_version(model, mounte
         assert old.read() == src.read_bytes()
 
 
+def _changed(src: Path, tmp_path: Path, store, n: int) -> tuple[Path, Path, dict]:
+    """v2 of the model at *src*: its first *n* tensors changed (as a fine-tune changes a few),
+    generated into *store*; its manifest file, model file and tensors' sha256."""
+    import hashlib
+
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(str(src))
+    for k in sorted(t)[:n]:
+        t[k] = np.ascontiguousarray(t[k][::-1])  # rows reversed
+    d = tmp_path / "v2"
+    d.mkdir()
+    save_file(t, str(d / "model.safetensors"))
+    want = {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in t.items()}
+    return generate_into(store, d, "pt", "v2", tmp_path), d / "model.safetensors", want
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["checked", "warm"])
+def test_a_switch_writes_the_copy_of_a_file_loaded_whole_before(model, mounter, tmp_path,
+                                                                 store, warm):
+    """After a switch, the new version of a file the old one had a whole copy of gets its own
+    copy before anything reads it (docs/adr/0036): a --warm switch returns with it made; a
+    checked one makes it after its background fetch.  The load after it is the kernel's."""
+    man, src, _ = model
+    mnt, path = copied(mounter, man, src, tmp_path / "c")
+    man2, src2, want2 = _changed(src, tmp_path, store, 4)
+    before = mnt.stats()
+    res = json.loads(run_mlfs("switch", "--json", *(["--warm"] if warm else []), mnt.mountpoint,
+                              man2).stdout)
+    assert res["whole_copies"] == 1
+    if warm:
+        assert wholes(mnt, "made") == 2  # before the switch returned
+    wait_for(lambda: wholes(mnt, "made") == 2, what="the new version's whole copy")
+    assert load(path) == want2 and sha(path) == sha(src2)
+    after = mnt.stats()
+    assert after["bytes_served"] == before["bytes_served"]  # not a byte through the daemon
+    assert after["passthrough_opens"] >= before["passthrough_opens"] + 2
+    assert after["whole_files_pending"] == 0
+    assert len(list((tmp_path / "c" / "files").iterdir())) == 2  # v1's copy stays, for a rollback
+
+
+def test_a_switch_writes_no_copy_for_a_file_never_loaded_whole(model, mounter, tmp_path, store):
+    man, src, _ = model
+    mnt = mounter("--manifest", man, "--cache-dir", tmp_path / "c")
+    path = mnt.mountpoint / "model.safetensors"
+    with open(path, "rb") as f:
+        f.read(1 << 20)  # a part only: no copy of v1, so none of v2
+    man2, src2, _ = _changed(src, tmp_path, store, 4)
+    res = json.loads(run_mlfs("switch", "--json", "--warm", mnt.mountpoint, man2).stdout)
+    assert res["whole_copies"] == 0
+    assert sha(path) == sha(src2)  # read whole now: its copy is the release's to ask for
+    wait_for(lambda: wholes(mnt, "partial") >= 1 and wholes(mnt, "made") == 1,
+             what="v1's copy refused, v2's made")
+    assert len(list((tmp_path / "c" / "files").iterdir())) == 1
+
+
 # -- in-process ----------------------------------------------------------------------------------
 def test_routes_keep_an_inode_on_one_way():
     r = passthrough.Routes()
