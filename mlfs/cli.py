@@ -801,8 +801,7 @@ def switch(mountpoint, manifest, store_url, endpoint_url, model_id, version, war
             done = "flipped at once; fetching in the background"
         if result.get("whole_copies"):
             n = result["whole_copies"]
-            done += (f"; whole copies of {n} file(s) loaded before " +
-                     ("written" if mode == "warm" else "to follow"))
+            done += f"; whole copies of {n} file(s) loaded before to follow"
         click.echo(f"{result['from']} -> {result['to']}: {done}, "
                    f"flip {result['flip_seconds'] * 1000:.1f} ms", err=True)
 

@@ -492,13 +492,6 @@ class Operations(pyfuse3.Operations):
                 asked.append(e)
         return asked
 
-    async def wait_wholes(self, entries: list[FileEntry]) -> None:
-        """Until the copies prepare_wholes asked for of *entries* are made or refused."""
-        for e in entries:
-            ev = self._whole_ready.get(e.blake3)
-            if ev is not None:
-                await ev.wait()
-
     async def _make_whole(self) -> None:
         async with self._whole_limit:
             if not self._whole_queue:

@@ -21,7 +21,7 @@ import time
 import pyfuse3
 import trio
 
-from . import buffers, config, dataplane, passthrough
+from . import buffers, dataplane, passthrough
 from .cache import ChunkCache
 from .client import clean_runtime_dir, control_socket_path
 from .errors import MlfsError, MountError
