@@ -6,7 +6,8 @@ load_bench.py's set-up: s3rver in a network namespace behind a shaped link, its 
 and v2 (1/6 of the tensors changed).  v1 is loaded cold once through a mount, which leaves its
 chunks and its whole copy in a cache.  Each round then, for a checked and a ``--warm`` switch,
 twice: a mount at v1 over a copy of that cache, the page cache dropped, ``mlfs switch`` to v2,
-and a ``load_file`` process through the mount (whole wall time, as load_bench's "v2 after v1").
+and a ``load_file`` process through the mount (whole wall time, as load_bench's "v2 after v1";
+with ``--warm-libraries`` torch is imported once after the page cache is dropped).
 "copies" keeps v1's whole copy, so the switch writes v2's; "no copies" removes ``files/`` from
 the cache first, which is what a switch did before ADR 0036.  Medians and every round printed.
 Needs root.
@@ -30,11 +31,17 @@ import load_bench as lb  # noqa: E402
 from _common import ShapedLink, drop_caches, s3rver_in  # noqa: E402
 
 
+KINDS = ("copies", "no copies")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size-mib", type=int, default=544)
     ap.add_argument("--mbit", type=int, default=1000)
+    ap.add_argument("--warm-libraries", action="store_true",
+                    help="import torch once after dropping the page cache: a host whose serving "
+                         "stack is warm and whose model changes")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mlfs-switch-copy-"))
     env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
@@ -60,7 +67,7 @@ def main() -> None:
             raise SystemExit("v1 got no whole copy: is passthrough on (root, kernel >= 6.9)?")
         first.close()
         for n in range(args.rounds):
-            for kind in ("copies", "no copies"):
+            for kind in KINDS:
                 for switch in ("checked", "--warm"):
                     cache = work / "cache-v2"
                     shutil.rmtree(cache, ignore_errors=True)
@@ -71,6 +78,8 @@ def main() -> None:
                                  "--version", "v1", env=env)
                     mounts.append(m)
                     drop_caches()
+                    if args.warm_libraries:
+                        subprocess.run([lb.PY, "-c", "import torch, safetensors.torch"], check=True)
                     t = time.perf_counter()
                     out = subprocess.run(
                         [lb.PY, "-m", "mlfs", "switch", "--json", str(m.mnt), str(work / "v2.json"),
@@ -82,6 +91,7 @@ def main() -> None:
                     s = m.stats()
                     key = f"{kind}, {switch} switch + load"
                     runs.setdefault(key, []).append(total)
+                    runs.setdefault(f"{kind}, {switch}: load in the process", []).append(load)
                     lb.log(f"round {n + 1}, {key}: {total:.2f} s (switch {flipped:.2f} s, load in "
                            f"the process {load:.2f} s, passed-through opens "
                            f"{s['passthrough_opens']}, copies asked for "
@@ -93,6 +103,9 @@ def main() -> None:
             report[f"copies / no copies, {switch}"] = round(
                 report[f"copies, {switch} switch + load"]["median"]
                 / report[f"no copies, {switch} switch + load"]["median"], 3)
+            report[f"copies / no copies, {switch}, load in the process"] = round(
+                report[f"copies, {switch}: load in the process"]["median"]
+                / report[f"no copies, {switch}: load in the process"]["median"], 3)
         print(json.dumps(report, indent=1))
     finally:
         for m in mounts:
