@@ -3,8 +3,11 @@
 Layout of a cache directory::
 
     chunks/<2 hex>/<blake3 hex>   one file per chunk, content-addressed: the bytes, then a seal
-    tmp/                          writers' unique temp files (renamed into chunks/)
-    index.db                      sqlite (WAL): id, size, last access — the LRU and the size budget
+    files/<blake3 hex>            whole copies of files (FUSE passthrough, docs/adr/0035); the
+                                  chunks of a file with a copy are read from it (docs/adr/0037)
+    tmp/                          writers' unique temp files (renamed into chunks/ or files/)
+    index.db                      sqlite (WAL): id, size, last access — the LRU and the size
+                                  budget; where in a whole copy each of its chunks is
 
 Invariants, and why they hold with several processes at once:
 
@@ -142,6 +145,7 @@ class ChunkCache:
         self._new_sums: dict[str, bytes] = {}  # for the index, with the atimes
         self._wrong_sums: set[str] = set()  # stored ones found wrong: cleared with the atimes
         self.part_reads = 0  # reads answered from a few blocks of a chunk file
+        self.located_reads = 0  # chunks read from whole copies (docs/adr/0037)
         try:
             # What the cache creates only its user can write, whatever the umask (seals, ADR 0009).
             self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -173,7 +177,7 @@ class ChunkCache:
         """Create the index, or bring one written by an older mlfs up to date (any number of
         processes may do this at once: it is one ``BEGIN IMMEDIATE`` transaction)."""
         db = self._db()
-        if "totals" in _tables(db) and "blocks" in _columns(db, "chunks"):
+        if {"totals", "located"} <= _tables(db) and "blocks" in _columns(db, "chunks"):
             return
         with _immediate(db):
             if "chunks" not in _tables(db):
@@ -194,6 +198,15 @@ class ChunkCache:
                 # The chunk's block checksums (get_part), written with the chunk: a new mount
                 # reads a few blocks of a chunk without reading it whole first (docs/adr/0029).
                 db.execute("ALTER TABLE chunks ADD COLUMN [blocks] BLOB")
+            if "located" not in _tables(db):
+                # Chunks read from whole copies (docs/adr/0037): a copy admitted takes the place
+                # of its chunks' files, and its rows here go with its own row, however that goes.
+                db.execute("CREATE TABLE located ([id] TEXT, [whole] TEXT, [offset] INTEGER, "
+                           "[size] INTEGER, PRIMARY KEY (id, whole))")
+                db.execute("CREATE INDEX idx_located_whole ON located (whole)")
+                db.execute(f"CREATE TRIGGER whole_removed AFTER DELETE ON chunks WHEN OLD.id "
+                           f"LIKE '{WHOLE}%' BEGIN DELETE FROM located WHERE whole = "
+                           f"substr(OLD.id, {len(WHOLE) + 1}); END")
 
     # -- plumbing -------------------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -225,8 +238,8 @@ class ChunkCache:
         """The chunk's bytes (read-only view), or None if absent or found damaged (then removed)."""
         try:
             data = self._read(chunk_id, size)
-        except OSError:
-            return None
+        except OSError:  # no chunk file: in a whole copy, perhaps
+            return self._located(chunk_id, size)
         if data is None:
             self.corrupt += 1
             self._remove(chunk_id)
@@ -287,7 +300,12 @@ class ChunkCache:
         try:
             n = self.path(chunk_id).stat().st_size
         except OSError:
-            return None
+            try:  # in a whole copy (docs/adr/0037)
+                row = self._db().execute("SELECT size FROM located WHERE id = ? LIMIT 1",
+                                         [chunk_id]).fetchone()
+            except sqlite3.Error:
+                return None
+            return row[0] if row else None
         return n - SEAL if n >= SEAL else None
 
     def _read(self, chunk_id: str, size: int) -> memoryview | None:
@@ -445,7 +463,42 @@ class ChunkCache:
         return raw[start - first:end - first]
 
     def contains(self, chunk_id: str) -> bool:
+        """Whether the chunk is here: as its own file, or in a whole copy."""
+        return self.has_file(chunk_id) or bool(self._locations(chunk_id))
+
+    def has_file(self, chunk_id: str) -> bool:
         return self.path(chunk_id).exists()
+
+    # -- chunks in whole copies (docs/adr/0037) ---------------------------------------------------
+    def _locations(self, chunk_id: str) -> list[tuple[str, int]]:
+        """The whole copies that hold *chunk_id*: ``(the file's blake3, offset)``."""
+        try:
+            return self._db().execute(
+                "SELECT whole, offset FROM located WHERE id = ?", [chunk_id]).fetchall()
+        except sqlite3.Error:
+            return []
+
+    def _located(self, chunk_id: str, size: int) -> memoryview | None:
+        """The chunk read from a whole copy that holds it, checked with blake3 (a copy has no
+        seals per chunk); a copy found wrong there is removed, as a damaged chunk file is."""
+        for digest, offset in self._locations(chunk_id):
+            try:
+                with open(self.path(WHOLE + digest), "rb", buffering=0) as f:
+                    data = os.pread(f.fileno(), size, offset)
+            except FileNotFoundError:  # removed by hand: its row, and its chunks', go too
+                self._remove(WHOLE + digest)
+                continue
+            except OSError:
+                continue
+            if len(data) == size and blake3.blake3(data).hexdigest() == chunk_id:
+                self.located_reads += 1
+                self.touch(WHOLE + digest)
+                return memoryview(data)
+            log.warning("cache: whole copy %s is damaged at chunk %s: removed", digest[:16],
+                        chunk_id[:16])
+            self.corrupt += 1
+            self._remove(WHOLE + digest)
+        return None
 
     # -- writes ---------------------------------------------------------------------------------
     def put(self, chunk_id: str, data: bytes) -> bool:
@@ -493,18 +546,14 @@ class ChunkCache:
             self.keep_block_sums(chunk_id, sums, store=False, indexed=True)
         return True
 
-    def _make_room(self, db: sqlite3.Connection, size: int,
-                   keep: frozenset[str] = frozenset()) -> list[str] | None:
+    def _make_room(self, db: sqlite3.Connection, size: int) -> list[str]:
         """Inside an admission's transaction: evict least recently used entries until *size*
-        more bytes fit, and return them; None (nothing evicted) if that would take one of
-        *keep*."""
+        more bytes fit, and return them."""
         total = db.execute("SELECT bytes FROM totals").fetchone()[0]
         excess = total + size - self.max_bytes
         victims: list[str] = []
         if excess > 0:
             for vid, vsize in db.execute("SELECT id, size FROM chunks ORDER BY atime"):
-                if vid in keep:
-                    return None
                 victims.append(vid)
                 excess -= vsize
                 if excess <= 0:
@@ -532,10 +581,12 @@ class ChunkCache:
             self.touch(name, flush=False)
         return path
 
-    def put_whole(self, digest: str, tmp: Path, keep: frozenset[str]) -> bool:
-        """Admit *tmp*, a whole file already checked against *digest*, evicting what the LRU
-        says, but none of *keep* (its own chunks): False, and *tmp* removed, if it cannot fit
-        that way.  Its bytes count against ``max_bytes`` like a chunk's."""
+    def put_whole(self, digest: str, tmp: Path, chunks: list[tuple[str, int, int]]) -> bool:
+        """Admit *tmp*, a whole file already checked against *digest*, made of *chunks*
+        (``(id, offset, size)``).  The copy takes the place of those chunks' files: from then
+        on they are read from it (docs/adr/0037), and it is evicted as one entry of the LRU, with
+        them.  Other entries are evicted as the LRU says to make room for the rest.  False, and
+        *tmp* removed, if it cannot be admitted (larger than the cache, the disk)."""
         name = WHOLE + digest
         try:
             size = tmp.stat().st_size
@@ -544,6 +595,7 @@ class ChunkCache:
         if size > self.max_bytes:
             tmp.unlink(missing_ok=True)
             return False
+        replaced: list[str] = []
         try:
             self.flush_atimes()
             (self.root / "files").mkdir(mode=0o755, exist_ok=True)
@@ -554,16 +606,29 @@ class ChunkCache:
                         os.replace(tmp, self.path(name))
                     tmp.unlink(missing_ok=True)
                     return True
-                if self._make_room(db, size, keep) is None:  # nothing was evicted
-                    tmp.unlink(missing_ok=True)
-                    return False
+                ids = sorted({cid for cid, _, _ in chunks})
+                for i in range(0, len(ids), 500):
+                    part = ids[i:i + 500]
+                    marks = ",".join("?" * len(part))
+                    replaced += [r[0] for r in db.execute(
+                        f"SELECT id FROM chunks WHERE id IN ({marks})", part)]
+                    db.execute(f"DELETE FROM chunks WHERE id IN ({marks})", part)
+                self._make_room(db, size)
                 os.replace(tmp, self.path(name))
                 db.execute("INSERT INTO chunks (id, size, atime) VALUES (?, ?, ?)",
                            [name, size, time.time()])
+                db.executemany("INSERT OR REPLACE INTO located (id, whole, offset, size) "
+                               "VALUES (?, ?, ?, ?)",
+                               [(cid, digest, off, n) for cid, off, n in chunks])
         except (OSError, sqlite3.Error):
             self.write_errors += 1
             tmp.unlink(missing_ok=True)
             return False
+        for cid in replaced:  # after the commit: a crash before it leaves them as they were
+            with self._blocks_lock:
+                self._blocks.pop(cid, None)
+                self._sums_indexed.discard(cid)
+            self.path(cid).unlink(missing_ok=True)
         return True
 
     def _remove(self, chunk_id: str) -> None:
@@ -583,8 +648,10 @@ class ChunkCache:
         wholes, whole_bytes = db.execute(  # a range of the primary key: no scan
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM chunks WHERE id >= ? AND id < ?",
             [WHOLE, WHOLE[:-1] + chr(ord(WHOLE[-1]) + 1)]).fetchone()
+        located = db.execute("SELECT COUNT(DISTINCT id) FROM located").fetchone()[0]
         return {"cache_dir": str(self.root), "chunks": count - wholes, "bytes": total,
                 "whole_files": wholes, "whole_file_bytes": whole_bytes,
+                "chunks_in_whole_files": located,
                 "max_bytes": self.max_bytes}
 
     def prune(self) -> dict:
@@ -618,6 +685,7 @@ class ChunkCache:
                     tmp_removed += 1
             except FileNotFoundError:
                 pass
+        db.execute(f"DELETE FROM located WHERE '{WHOLE}' || whole NOT IN (SELECT id FROM chunks)")
         # The triggers keep the totals exact; recounting here repairs an index edited by hand.
         db.execute("UPDATE totals SET count = (SELECT COUNT(*) FROM chunks), "
                    "bytes = (SELECT COALESCE(SUM(size), 0) FROM chunks)")

@@ -545,8 +545,9 @@ def cache_stats(cache_dir, cache_size, as_json):
 
     s = _open_cache(cache_dir, cache_size).stats()
     click.echo(json.dumps(s) if as_json else
-               f"{s['cache_dir']}: {s['chunks']} chunks, {s['whole_files']} whole copies "
-               f"({human(s['whole_file_bytes'])}), {human(s['bytes'])} of {human(s['max_bytes'])}")
+               f"{s['cache_dir']}: {s['chunks']} chunk files, {s['whole_files']} whole copies "
+               f"({human(s['whole_file_bytes'])}, holding {s['chunks_in_whole_files']} chunks), "
+               f"{human(s['bytes'])} of {human(s['max_bytes'])}")
 
 
 @cache.command("prune")

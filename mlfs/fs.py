@@ -1097,7 +1097,7 @@ class Operations(pyfuse3.Operations):
                 i = todo.popleft()
                 cid = entry.chunk_ids[i]
                 if (self.source.in_flight(cid) or self.source.peek(cid) is not None
-                        or not cache.contains(cid)):  # not cached (a new version's): fetch it now
+                        or not cache.has_file(cid)):  # a new version's, or in a whole copy
                     python(i)
                     continue
                 job = self._job(entry, i, at)

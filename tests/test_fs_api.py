@@ -665,6 +665,10 @@ def test_opens_go_one_way_per_inode_and_pass_through_once_a_copy_exists(model, t
         assert not a.keep_cache and not b.keep_cache
         assert [(fh, bid) for _, fh, bid in kernel.expected] == [(a.fh, 1), (b.fh, 1)]
         assert kernel.registered == [copy]  # one backing file for the inode
+        entry = next(f for f in m.files if f.path == "blob.bin")
+        # The copy took the place of the chunks' files; they are read from it (docs/adr/0037).
+        assert not any(source.cache.has_file(c) for c in entry.chunk_ids)
+        assert all(source.cache.contains(c) for c in entry.chunk_ids)
         small = await open_file(ops, "config.json")  # under 4 MiB: never passed through
         assert len(kernel.expected) == 2
         await ops.release(small)

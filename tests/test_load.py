@@ -163,7 +163,8 @@ def test_a_warm_load_is_streamed_in_c_and_survives_damaged_and_missing_cache_fil
     require(dataplane.NATIVE, "mlfs._dataplane is not built (needs a compiler and libxxhash-dev)")
     man, want = llm
     cache = tmp_path / "c"
-    cold = mounter("--manifest", man, "--cache-dir", cache, name="cold")
+    # Without passthrough: its whole copy would take the place of the chunk files (ADR 0037).
+    cold = mounter("--manifest", man, "--cache-dir", cache, "--no-passthrough", name="cold")
     p = subprocess.run([sys.executable, "-c", LOADER, str(cold.mountpoint / "model.safetensors")],
                        capture_output=True, text=True, timeout=180)
     assert p.returncode == 0 and json.loads(p.stdout) == want, p.stderr

@@ -174,7 +174,10 @@ def test_tiny_cache_serves_larger_model_within_limit(store, minilm_dir, mounter,
 def test_corrupt_cache_file_is_refetched(store, minilm_dir, mounter, tmp_path):
     man = generate_into(store, minilm_dir, "minilm", "v1", tmp_path)
     cache = tmp_path / "c"
-    m1 = mounter("--manifest", man, "--cache-dir", cache, name="m1")
+    # Without passthrough, here and below: a whole copy would take the place of the chunk
+    # files (docs/adr/0037), and be read instead of them (tests/test_passthrough.py has a
+    # damaged chunk under a copy in the making).
+    m1 = mounter("--manifest", man, "--cache-dir", cache, "--no-passthrough", name="m1")
     sha(m1.mountpoint / "model.safetensors")
     m1.close()
     entry = next(f for f in mf.loads(man.read_bytes()).files if f.path == "model.safetensors")
@@ -184,8 +187,6 @@ def test_corrupt_cache_file_is_refetched(store, minilm_dir, mounter, tmp_path):
     victim.write_bytes(bytes(data))
     truncated = cache / "chunks" / entry.chunk_ids[9][:2] / entry.chunk_ids[9]
     truncated.write_bytes(truncated.read_bytes()[:1000])
-    # Through the daemon: with passthrough the file would be read from its whole copy, made when
-    # m1 ended (tests/test_passthrough.py has a damaged chunk under a copy in the making).
     m2 = mounter("--manifest", man, "--cache-dir", cache, "--no-passthrough", name="m2")
     assert sha(m2.mountpoint / "model.safetensors") == sha(minilm_dir / "model.safetensors")
     s = m2.stats()
