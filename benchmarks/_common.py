@@ -108,6 +108,15 @@ class ShapedLink:
         return int(self.sh("cat", f"/sys/class/net/{self.vo}/statistics/tx_bytes", ns=True).stdout)
 
 
+def s3rver_env(**extra: str) -> dict[str, str]:
+    """This process's environment for talking to s3rver: its fixed credentials, and without
+    ``AWS_CA_BUNDLE`` (set here for https; Go tools then fail against plain http)."""
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+    env.update(AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER",
+               AWS_DEFAULT_REGION="us-east-1", **extra)
+    return env
+
+
 def s3rver_in(link: ShapedLink, s3rver: str, directory: Path, bucket: str = "bench",
               port: int = 4569) -> tuple[subprocess.Popen, str]:
     """s3rver keeping its buckets in *directory*, inside *link*'s namespace (its veth up), with

@@ -29,7 +29,6 @@ start is what FUSE, trio and the disk cache cost.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import shutil
 import statistics
@@ -41,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load_bench as lb  # noqa: E402
-from _common import ShapedLink, drop_caches, s3rver_in  # noqa: E402
+from _common import ShapedLink, drop_caches, s3rver_env, s3rver_in  # noqa: E402
 
 
 def child_cpu(before: resource.struct_rusage) -> float:
@@ -57,9 +56,7 @@ def main() -> None:
     ap.add_argument("mount_args", nargs="*", help="extra mlfs mount options")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mlfs-cpu-"))
-    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-    env.update(AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER",
-               AWS_DEFAULT_REGION="us-east-1")
+    env = s3rver_env()
     link = ShapedLink("mlfs-cpu", args.mbit, subnet="10.79.0")
     server = None
     try:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ShapedLink, free_port, llm_tensors, wait_port  # noqa: E402
+from _common import ShapedLink, free_port, llm_tensors, s3rver_env, wait_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -170,8 +170,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mlfs-fleet-"))
-    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-    env.update(AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER", AWS_DEFAULT_REGION="us-east-1")
+    env = s3rver_env()
     results: dict[str, object] = {"size_mib": args.size_mib, "nodes": args.nodes,
                                   "wan_mbit": args.wan_mbit}
     procs: list[subprocess.Popen] = []

@@ -27,7 +27,7 @@ import blake3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import ShapedLink, s3rver_in  # noqa: E402
+from _common import ShapedLink, s3rver_env, s3rver_in  # noqa: E402
 
 S3RVER = os.environ.get("S3RVER", "/opt/s3rver/node_modules/.bin/s3rver")
 GiB = 1 << 30
@@ -58,9 +58,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     size = args.size_mib << 20
-    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-    env.update(AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER",
-               AWS_DEFAULT_REGION="us-east-1")
+    env = s3rver_env()
     link = ShapedLink("mlfs-get", 1000, subnet="10.80.0")
     work = Path(tempfile.mkdtemp(prefix="mlfs-get-"))
     server = None

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ShapedLink, drop_caches, s3rver_in  # noqa: E402
+from _common import ShapedLink, drop_caches, s3rver_env, s3rver_in  # noqa: E402
 
 PY = sys.executable
 S3RVER = os.environ.get("S3RVER", "/opt/s3rver/node_modules/.bin/s3rver")
@@ -282,10 +282,7 @@ def main() -> None:
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mlfs-load-"))
     EXTRA.extend(args.mount_args.split())
-    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-    env.update(AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER",
-               AWS_DEFAULT_REGION="us-east-1", RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING="0",
-               HF_HUB_OFFLINE="1")
+    env = s3rver_env(RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING="0", HF_HUB_OFFLINE="1")
     link = ShapedLink("mlfs-load", args.mbit, subnet="10.78.0")
     server = None
     mounts: list[Mount] = []

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load_bench as lb  # noqa: E402
-from _common import ShapedLink, drop_caches, s3rver_in  # noqa: E402
+from _common import ShapedLink, drop_caches, s3rver_env, s3rver_in  # noqa: E402
 
 
 KINDS = ("copies", "no copies")
@@ -44,9 +43,7 @@ def main() -> None:
                          "stack is warm and whose model changes")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mlfs-switch-copy-"))
-    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-    env.update(AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER",
-               AWS_DEFAULT_REGION="us-east-1")
+    env = s3rver_env()
     link = ShapedLink("mlfs-swcopy", args.mbit, subnet="10.79.0")
     server = None
     mounts: list[lb.Mount] = []
