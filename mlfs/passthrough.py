@@ -225,11 +225,8 @@ def make_whole(cache, entry, deadline: float = math.inf) -> str:
                 fut.cancel()
             pool.shutdown(wait=True)
             os.close(fd)
-        offsets = [0]
-        for n in entry.chunk_sizes[:-1]:
-            offsets.append(offsets[-1] + n)
         admitted = cache.put_whole(entry.blake3, tmp,
-                                   list(zip(entry.chunk_ids, offsets, entry.chunk_sizes)))
+                                   list(zip(entry.chunk_ids, entry.offsets, entry.chunk_sizes)))
         return "made" if admitted else "no room"
     except OSError as e:
         return f"failed: {e.strerror or e}"
