@@ -35,6 +35,22 @@ def make_model(d: Path, size: int) -> None:
     (d / "config.json").write_text(json.dumps({"layers": layers}))
 
 
+def vm_state() -> dict[str, str]:
+    """What this VM did with memory and idle CPUs while a run was measured: on this machine, free
+    page reporting (the balloon hands freed 2 MiB blocks back to the host, and touching them again
+    costs a host fault each) moved a 555 MiB read from 0.40-0.47 s to 1.0-1.5 s (docs/adr/0038)."""
+    state = {}
+    for name, path in (("page_reporting_order",
+                        "/sys/module/page_reporting/parameters/page_reporting_order"),
+                       ("cpuidle", "/sys/devices/system/cpu/cpuidle/current_driver"),
+                       ("guest_halt_poll_ns", "/sys/module/haltpoll/parameters/guest_halt_poll_ns")):
+        try:
+            state[name] = Path(path).read_text().strip()
+        except OSError:
+            state[name] = "unknown"
+    return state
+
+
 def drop_caches() -> bool:
     """Drop the page cache (root only); False if not allowed."""
     try:

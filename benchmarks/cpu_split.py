@@ -23,7 +23,9 @@ with no overhead of its own would need about: receive + page-cache write (the pu
 work + the fixed start (docs/adr/0030).  The same floor measured as one piece: the model's
 chunks fetched, checked, decoded and written into the page cache by 8 plain threads of a fresh
 interpreter (:func:`plain_work`; docs/adr/0031); the daemon's CPU beyond that and its fixed
-start is what FUSE, trio and the disk cache cost.
+start is what FUSE, trio and the disk cache cost.  The same threads once more, each chunk also
+admitted to a disk cache as the daemon admits it (``ChunkCache.put`` in 2 writer threads): what
+is left beyond that is FUSE, trio and the pushes (docs/adr/0038).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load_bench as lb  # noqa: E402
-from _common import ShapedLink, drop_caches, s3rver_env, s3rver_in  # noqa: E402
+from _common import ShapedLink, drop_caches, s3rver_env, s3rver_in, vm_state  # noqa: E402
 
 
 def child_cpu(before: resource.struct_rusage) -> float:
@@ -94,6 +96,9 @@ def main() -> None:
             (work / "curl.out").unlink(missing_ok=True)
             drop_caches()
             lb.add(rows, "plain threads: GET, verify, decode, write", plain_work(store, env, work))
+            drop_caches()
+            lb.add(rows, "plain threads, and disk cache admission",
+                   plain_work(store, env, work, admit=True))
             shutil.rmtree(work / "cache", ignore_errors=True)
             drop_caches()
             m = lb.Mount(work / "mnt", work / "cache", "--store", store, "--id", "llm",
@@ -114,6 +119,7 @@ def main() -> None:
         ml = sum(statistics.median(rows[k]) for k in ("mlfs mount command", "mlfs daemon",
                                                       "loader, through the mount"))
         print(f"mlfs (command + daemon + loader) / (s5cmd + loader): {ml / s5:.3f}")
+        print(f"this VM: {vm_state()}")
         extra = own_work(store, env)
         print(f"blake3 of every chunk, decoding of the compressed ones (one thread): {extra:.3f}")
         med = {k: statistics.median(v) for k, v in rows.items()}
@@ -128,6 +134,12 @@ def main() -> None:
               f"(that + loader) / (s5cmd + loader): "
               f"{(plain + med['loader, through the mount']) / s5:.3f}; the daemon's own overhead "
               f"(FUSE, trio, the disk cache) ~{med['mlfs daemon'] + med['mlfs mount command'] - plain:.3f} s")
+        admitted = plain + med["plain threads, and disk cache admission"] - med[
+            "plain threads: GET, verify, decode, write"]
+        print(f"the same with each chunk admitted to a disk cache: ~{admitted:.3f} s; "
+              f"(that + loader) / (s5cmd + loader): {(admitted + med['loader, through the mount']) / s5:.3f}; the "
+              f"daemon's own overhead beyond that (FUSE, trio, the pushes) "
+              f"~{med['mlfs daemon'] + med['mlfs mount command'] - admitted:.3f} s")
     finally:
         if server is not None:
             server.terminate()
@@ -141,30 +153,40 @@ MODEL = ("from mlfs.stores import open_store\n"
          "f = next(f for f in m.files if f.path == 'model.safetensors')\n")
 
 
-def plain_work(store: str, env, work: Path) -> float:
+def plain_work(store: str, env, work: Path, admit: bool = False) -> float:
     """CPU seconds, in a fresh interpreter with the daemon's malloc settings, to do a cold load's
     data work without FUSE, trio or the disk cache: GET every chunk of the model (8 threads, the
     mount's direct path), check and decode it, and write it at its offset into a file (the page
-    cache, as the mount's pushes fill it).  The interpreter's start and imports are not counted."""
+    cache, as the mount's pushes fill it).  The interpreter's start and imports are not counted.
+    *admit*: each chunk is also admitted to a disk cache (``ChunkCache.put``: its file, seal,
+    block checksums and index row) by 2 writer threads, as the daemon admits them."""
     code = ("import os, sys, resource; from concurrent.futures import ThreadPoolExecutor\n"
             "from mlfs.buffers import reuse_freed_memory\n"
+            "from mlfs.cache import ChunkCache\n"
             "reuse_freed_memory()\n" + MODEL +
             "fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)\n"
+            "cache = ChunkCache(sys.argv[3], 1 << 40) if sys.argv[3] else None\n"
+            "writer = ThreadPoolExecutor(2)\n"
             "def one(job):\n"
             "    c, n, off = job\n"
-            "    os.pwrite(fd, s.get_chunk_verified(c, n), off)\n"
+            "    data = s.get_chunk_verified(c, n)\n"
+            "    os.pwrite(fd, data, off)\n"
+            "    if cache is not None:\n"
+            "        writer.submit(cache.put, c, data)\n"
             "def cpu():\n"
             "    r = resource.getrusage(resource.RUSAGE_SELF); return r.ru_utime + r.ru_stime\n"
             "c0 = cpu()\n"
             "with ThreadPoolExecutor(8) as pool:\n"
             "    list(pool.map(one, zip(f.chunk_ids, f.chunk_sizes, f.offsets)))\n"
+            "writer.shutdown()\n"
             "print(cpu() - c0)")
-    out = work / "plain.out"
+    out, cache = work / "plain.out", work / "plain-cache"
     try:
-        res = subprocess.run([lb.PY, "-c", code, store, str(out)], env=env, check=True,
-                             capture_output=True, text=True).stdout
+        res = subprocess.run([lb.PY, "-c", code, store, str(out), str(cache) if admit else ""],
+                             env=env, check=True, capture_output=True, text=True).stdout
     finally:
         out.unlink(missing_ok=True)
+        shutil.rmtree(cache, ignore_errors=True)
     return float(res.split()[-1])
 
 

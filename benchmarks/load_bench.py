@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ShapedLink, drop_caches, s3rver_env, s3rver_in  # noqa: E402
+from _common import ShapedLink, drop_caches, s3rver_env, s3rver_in, vm_state  # noqa: E402
 
 PY = sys.executable
 S3RVER = os.environ.get("S3RVER", "/opt/s3rver/node_modules/.bin/s3rver")
@@ -698,7 +698,8 @@ def main() -> None:
             ratios[f"cold at {args.slow_mbit} Mbit/s vs s5cmd + load"] = \
                 r[f"mlfs cold load_file at {args.slow_mbit} Mbit/s"] / r[f"s5cmd + load_file at {args.slow_mbit} Mbit/s"]
         print(json.dumps({"figures": {k: round(v, 3) for k, v in r.items()},
-                          "ratios": {k: round(v, 3) for k, v in ratios.items()}}, indent=1))
+                          "ratios": {k: round(v, 3) for k, v in ratios.items()},
+                          "vm": vm_state()}, indent=1))
     finally:
         for m in mounts:
             m.close()
