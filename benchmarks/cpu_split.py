@@ -136,10 +136,11 @@ def main() -> None:
               f"(FUSE, trio, the disk cache) ~{med['mlfs daemon'] + med['mlfs mount command'] - plain:.3f} s")
         admitted = plain + med["plain threads, and disk cache admission"] - med[
             "plain threads: GET, verify, decode, write"]
+        ratio = (admitted + med["loader, through the mount"]) / s5
+        beyond = med["mlfs daemon"] + med["mlfs mount command"] - admitted
         print(f"the same with each chunk admitted to a disk cache: ~{admitted:.3f} s; "
-              f"(that + loader) / (s5cmd + loader): {(admitted + med['loader, through the mount']) / s5:.3f}; the "
-              f"daemon's own overhead beyond that (FUSE, trio, the pushes) "
-              f"~{med['mlfs daemon'] + med['mlfs mount command'] - admitted:.3f} s")
+              f"(that + loader) / (s5cmd + loader): {ratio:.3f}; the daemon's own overhead "
+              f"beyond that (FUSE, trio, the pushes) ~{beyond:.3f} s")
     finally:
         if server is not None:
             server.terminate()
