@@ -453,9 +453,7 @@ class ChunkCache:
         for k in range(lo, hi):
             a = (k - lo) * BLOCK
             if xxhash.xxh3_64_digest(raw[a:a + BLOCK], seed=seed ^ k) != sums[8 * k:8 * k + 8]:
-                with self._blocks_lock:
-                    self._blocks.pop(chunk_id, None)
-                    self._sums_indexed.discard(chunk_id)
+                self._forget_blocks(chunk_id)
                 with self._atimes_lock:  # the stored ones are wrong, or the file is: not again
                     self._new_sums.pop(chunk_id, None)
                     self._wrong_sums.add(chunk_id)
@@ -627,16 +625,19 @@ class ChunkCache:
             tmp.unlink(missing_ok=True)
             return False
         for cid in replaced:  # after the commit: a crash before it leaves them as they were
-            with self._blocks_lock:
-                self._blocks.pop(cid, None)
-                self._sums_indexed.discard(cid)
+            self._forget_blocks(cid)
             self.path(cid).unlink(missing_ok=True)
         return True
 
-    def _remove(self, chunk_id: str) -> None:
+    def _forget_blocks(self, chunk_id: str) -> None:
+        """Drop the block checksums held in memory for *chunk_id* (its file is going, or they
+        were found wrong)."""
         with self._blocks_lock:
             self._blocks.pop(chunk_id, None)
             self._sums_indexed.discard(chunk_id)
+
+    def _remove(self, chunk_id: str) -> None:
+        self._forget_blocks(chunk_id)
         self.path(chunk_id).unlink(missing_ok=True)
         try:
             self._db().execute("DELETE FROM chunks WHERE id = ?", [chunk_id])
