@@ -37,6 +37,7 @@ through the page cache (for comparisons).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -124,6 +125,115 @@ def _tables(db: sqlite3.Connection) -> set[str]:
     return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
+class Assembly:
+    """A whole copy of a file written as its chunks arrive (docs/adr/0039), in ``tmp/`` until it
+    is complete, synced and checked (passthrough.make_whole admits it as ``files/<blake3>``).
+
+    A chunk written here is not written as a chunk file as well: until the copy is admitted (or
+    given up, when the chunks written are put into chunk files after all: ChunkCache.
+    end_assembly), reads that miss the page cache find it here.  Written from the cache's
+    writer threads, read from any thread; ``lock`` keeps the descriptor open while either runs.
+    """
+
+    def __init__(self, digest: str, size: int, chunks: list[tuple[str, int, int]], tmp: Path,
+                 fd: int, direct_fd: int | None) -> None:
+        self.digest = digest
+        self.size = size
+        #: ``(chunk id, offset, size)`` of the file, in file order.
+        self.chunks = chunks
+        self.tmp = tmp
+        #: The copy open through the page cache, and with ``O_DIRECT`` (None where the file
+        #: system refuses it): directio.write_at.
+        self.fd = fd
+        self.direct_fd = direct_fd
+        self.offsets: dict[str, list[int]] = {}
+        self.sizes: dict[str, int] = {}
+        for cid, off, n in chunks:
+            self.offsets.setdefault(cid, []).append(off)
+            self.sizes[cid] = n
+        #: Chunks written at every offset where the file has them.
+        self.written: set[str] = set()
+        self.bytes_written = 0
+        self.lock = threading.Lock()
+        #: Set first when the copy is admitted or given up: no more writes after it.
+        self.ending = False
+        self.closed = False
+
+    def write(self, chunk_id: str, data) -> bool:
+        """Write *chunk_id* (verified bytes) at each of its offsets; False if the copy is being
+        admitted or given up.  Raises OSError (the disk)."""
+        view = memoryview(data).cast("B")
+        with self.lock:
+            if self.ending:
+                return False
+            for off in self.offsets[chunk_id]:
+                directio.write_at(self.fd, self.direct_fd, view, off)
+            self.written.add(chunk_id)
+            self.bytes_written += len(view)
+        return True
+
+    def fill(self, chunk_id: str, data) -> None:
+        """Write *chunk_id* at each of its offsets, after :meth:`end` too (make_whole writes the
+        chunks the copy lacks so).  Raises OSError, also once the copy is closed."""
+        view = memoryview(data).cast("B")
+        with self.lock:
+            if self.closed:
+                raise OSError(errno.EBADF, "whole copy closed")
+            for off in self.offsets[chunk_id]:
+                directio.write_at(self.fd, self.direct_fd, view, off)
+
+    def sync_and_hash(self, deadline: float = float("inf")) -> str | None:
+        """Sync the copy to the disk, then read it back (with ``O_DIRECT`` where it can: no
+        page cache) and return its blake3; None if *deadline* (``time.monotonic()``) passed.
+        Raises OSError."""
+        with self.lock:
+            if self.closed:
+                raise OSError(errno.EBADF, "whole copy closed")
+            os.fdatasync(self.fd)
+        digest = blake3.blake3()
+        pos = 0
+        while pos < self.size:
+            if time.monotonic() > deadline:
+                return None
+            with self.lock:  # a piece at a time: reads of its chunks wait for one piece only
+                if self.closed:
+                    raise OSError(errno.EBADF, "whole copy closed")
+                if self.direct_fd is not None:
+                    piece = directio.read_piece(self.direct_fd, pos, self.size - pos)
+                else:
+                    piece = os.pread(self.fd, min(8 << 20, self.size - pos), pos)
+            if not piece:
+                raise OSError(errno.EIO, f"whole copy: nothing at {pos} of {self.size}")
+            digest.update(piece)
+            pos += len(piece)
+        return digest.hexdigest()
+
+    def read(self, chunk_id: str, start: int, length: int) -> bytes | None:
+        """Bytes ``[start, start + length)`` of a chunk written here, unchecked; None if it is
+        not (any more)."""
+        with self.lock:
+            if self.closed or chunk_id not in self.written:
+                return None
+            try:
+                return os.pread(self.fd, length, self.offsets[chunk_id][0] + start)
+            except OSError:
+                return None
+
+    def end(self) -> None:
+        """No more writes (those under way are done when this returns)."""
+        with self.lock:
+            self.ending = True
+
+    def close(self) -> None:
+        with self.lock:
+            self.ending = True
+            if not self.closed:
+                self.closed = True
+                os.close(self.fd)
+                if self.direct_fd is not None:
+                    os.close(self.direct_fd)
+
+
 class ChunkCache:
     """Thread-safe: every thread gets its own sqlite connection."""
 
@@ -146,6 +256,15 @@ class ChunkCache:
         self._wrong_sums: set[str] = set()  # stored ones found wrong: cleared with the atimes
         self.part_reads = 0  # reads answered from a few blocks of a chunk file
         self.located_reads = 0  # chunks read from whole copies (docs/adr/0037)
+        # Whole copies written as their chunks arrive (docs/adr/0039): by the file's blake3, and
+        # the chunks written into them, by chunk id.
+        self._assemblies: dict[str, Assembly] = {}
+        self._assembled: dict[str, Assembly] = {}
+        self._assemblies_lock = threading.Lock()
+        self.assembled_reads = 0  # chunks read back from a copy being written
+        self.assemblies_begun = 0
+        self.assembled_bytes = 0  # written into them by offer
+        self.salvaged_chunks = 0  # put into chunk files when a copy was given up
         try:
             # What the cache creates only its user can write, whatever the umask (seals, ADR 0009).
             self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -238,8 +357,8 @@ class ChunkCache:
         """The chunk's bytes (read-only view), or None if absent or found damaged (then removed)."""
         try:
             data = self._read(chunk_id, size)
-        except OSError:  # no chunk file: in a whole copy, perhaps
-            return self._located(chunk_id, size)
+        except OSError:  # no chunk file: in a whole copy, perhaps, or in one being written
+            return self._located(chunk_id, size) or self._assembled_chunk(chunk_id, size)
         if data is None:
             self.corrupt += 1
             self._remove(chunk_id)
@@ -443,10 +562,17 @@ class ChunkCache:
             return None
         lo, hi = start // BLOCK, -(-end // BLOCK)
         first, last = lo * BLOCK, min(hi * BLOCK, size)
-        try:
-            raw = directio.read_range(self.path(chunk_id), first, last - first, self.direct_reads)
-        except OSError:
-            return None
+        asm = self._assembled.get(chunk_id)
+        if asm is not None:
+            raw = asm.read(chunk_id, first, last - first)
+            if raw is None:
+                return None
+        else:
+            try:
+                raw = directio.read_range(self.path(chunk_id), first, last - first,
+                                          self.direct_reads)
+            except OSError:
+                return None
         if len(raw) != last - first:
             return None
         seed = int(chunk_id[:16], 16)
@@ -463,8 +589,9 @@ class ChunkCache:
         return raw[start - first:end - first]
 
     def contains(self, chunk_id: str) -> bool:
-        """Whether the chunk is here: as its own file, or in a whole copy."""
-        return self.has_file(chunk_id) or bool(self._locations(chunk_id))
+        """Whether the chunk is here: as its own file, in a whole copy, or in one being written."""
+        return (chunk_id in self._assembled or self.has_file(chunk_id)
+                or bool(self._locations(chunk_id)))
 
     def has_file(self, chunk_id: str) -> bool:
         return self.path(chunk_id).exists()
@@ -499,6 +626,135 @@ class ChunkCache:
             self.corrupt += 1
             self._remove(WHOLE + digest)
         return None
+
+    # -- whole copies written as their chunks arrive (docs/adr/0039) ------------------------------
+    def begin_assembly(self, digest: str, size: int,
+                       chunks: list[tuple[str, int, int]]) -> Assembly | None:
+        """Start writing the whole copy of the file whose blake3 is *digest* (*size* bytes, made
+        of *chunks*, ``(id, offset, size)``) as its chunks are fetched (:meth:`offer`); the one
+        begun already, if any.  None where whole copies are not kept (others can write the
+        cache), where the file has one, or where the disk has no room for it."""
+        if not self.trust_seals:
+            return None
+        with self._assemblies_lock:
+            asm = self._assemblies.get(digest)
+        if asm is not None:
+            return asm
+        if self.whole_file(digest, touch=False) is not None:
+            return None
+        tmp = self.root / "tmp" / f"{WHOLE}{digest}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            log.debug("no whole copy of %s written as it arrives: %s", digest[:16], e)
+            return None
+        direct_fd = None
+        try:
+            os.posix_fallocate(fd, 0, size)  # its room now, in few extents, or not at all
+            if self.direct:
+                direct_fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC | directio.O_DIRECT)
+        except OSError as e:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            log.info("no whole copy of %s written as it arrives: %s", digest[:16],
+                     e.strerror or e)
+            return None
+        asm = Assembly(digest, size, chunks, tmp, fd, direct_fd)
+        with self._assemblies_lock:
+            other = self._assemblies.setdefault(digest, asm)
+        if other is not asm:  # another thread began it meanwhile
+            asm.close()
+            tmp.unlink(missing_ok=True)
+        else:
+            self.assemblies_begun += 1
+        return other
+
+    def assembly(self, digest: str) -> Assembly | None:
+        with self._assemblies_lock:
+            return self._assemblies.get(digest)
+
+    def offer(self, chunk_id: str, data) -> bool:
+        """Write *chunk_id*, fetched and verified, into the whole copies being written that
+        want it; True if it went into one (then it needs no chunk file: reads find it there).
+        In a cache writer thread."""
+        with self._assemblies_lock:
+            wanting = [a for a in self._assemblies.values()
+                       if chunk_id in a.offsets and chunk_id not in a.written]
+        taken = False
+        for asm in wanting:
+            try:
+                if asm.write(chunk_id, data):
+                    with self._assemblies_lock:
+                        if not asm.ending:  # else end_assembly has it: admitted or salvaged
+                            self._assembled[chunk_id] = asm
+                            taken = True
+                    self.assembled_bytes += len(data)
+            except OSError as e:
+                self.write_errors += 1
+                log.warning("whole copy %s: %s: written as chunk files instead", asm.digest[:16],
+                            e.strerror or e)
+                self.end_assembly(asm, salvage=True)
+        if taken and len(data) >= SMALL_CHUNK and self.trust_seals:
+            # A page of it the kernel lets go of is read back as a block (get_part), as for a
+            # chunk file.
+            self.keep_block_sums(chunk_id, self._block_sums(chunk_id, data), store=False)
+        return taken
+
+    def _assembled_chunk(self, chunk_id: str, size: int,
+                         asm: Assembly | None = None) -> memoryview | None:
+        """The chunk read back from a whole copy being written (*asm*, or the one that holds
+        it), checked with blake3."""
+        asm = asm or self._assembled.get(chunk_id)
+        if asm is None or asm.sizes.get(chunk_id) != size:
+            return None
+        data = asm.read(chunk_id, 0, size)
+        if data is None or len(data) != size or blake3.blake3(data).hexdigest() != chunk_id:
+            return None
+        self.assembled_reads += 1
+        return memoryview(data)
+
+    def end_assembly(self, asm: Assembly, salvage: bool = False,
+                     deadline: float = float("inf")) -> int:
+        """Stop writing *asm* (admitted by put_whole, or given up).  With *salvage*, the chunks
+        written into it that the cache holds nowhere else become chunk files first (checked
+        with blake3 as they are read back), until ``time.monotonic()`` passes *deadline*; the
+        copy itself is removed.  Returns how many chunks were salvaged."""
+        asm.end()
+        salvaged = 0
+        if salvage:
+            for cid in sorted(asm.written):
+                if time.monotonic() > deadline:
+                    log.info("whole copy %s given up: %d chunks not kept", asm.digest[:16],
+                             len(asm.written) - salvaged)
+                    break
+                if self.has_file(cid) or self._locations(cid):
+                    continue
+                data = self._assembled_chunk(cid, asm.sizes[cid], asm)
+                if data is not None and self.put(cid, data):
+                    salvaged += 1
+        self.salvaged_chunks += salvaged
+        with self._assemblies_lock:
+            if self._assemblies.get(asm.digest) is asm:
+                del self._assemblies[asm.digest]
+            for cid in asm.written:
+                if self._assembled.get(cid) is asm:
+                    del self._assembled[cid]
+                    for other in self._assemblies.values():  # a chunk two copies have
+                        if cid in other.written and not other.ending:
+                            self._assembled[cid] = other
+                            break
+        asm.close()
+        if salvage:
+            asm.tmp.unlink(missing_ok=True)
+        return salvaged
+
+    def end_assemblies(self, deadline: float = float("inf")) -> None:
+        """At unmount: the whole copies still being written are given up, their chunks kept as
+        chunk files until *deadline* (end_assembly)."""
+        with self._assemblies_lock:
+            left = list(self._assemblies.values())
+        for asm in left:
+            self.end_assembly(asm, salvage=True, deadline=deadline)
 
     # -- writes ---------------------------------------------------------------------------------
     def put(self, chunk_id: str, data: bytes) -> bool:

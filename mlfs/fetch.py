@@ -312,7 +312,9 @@ class ChunkSource:
     def _admit(self, chunk_id: str, data: bytes) -> None:
         admitted = False
         try:
-            admitted = self.cache.put(chunk_id, data)
+            # Into the whole copy being written of a file streamed whole, if one wants it
+            # (docs/adr/0039); a chunk file otherwise.
+            admitted = self.cache.offer(chunk_id, data) or self.cache.put(chunk_id, data)
             if not admitted:
                 self.counters.uncached_chunks += 1
         finally:
@@ -378,6 +380,11 @@ class ChunkSource:
             "corrupt_chunks": self.store.corrupt_reads if self.store else 0,
             "corrupt_cache_files": self.cache.corrupt, "uncached_chunks": c.uncached_chunks,
             "part_reads": self.cache.part_reads,
+            # Whole copies written as their files streamed in (docs/adr/0039).
+            "wholes_assembled": self.cache.assemblies_begun,
+            "assembled_bytes": self.cache.assembled_bytes,
+            "assembled_reads": self.cache.assembled_reads,
+            "salvaged_chunks": self.cache.salvaged_chunks,
             "cache_write_errors": self.cache.write_errors,
             "retries": self.store.retries if self.store else 0,
             "prefetched_bytes": c.prefetched_bytes, "streamed_bytes": c.streamed_bytes,

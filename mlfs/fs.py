@@ -93,6 +93,10 @@ WHOLE_QUIET_MAX = 30.0
 #: Once the mount is ending, copies (begun, or asked for) get this many seconds more; the rest
 #: are left to a later mount.
 WHOLE_AT_EXIT = 10.0
+#: A file streamed in whole from the store is written into its whole copy as its chunks arrive
+#: (ChunkCache.begin_assembly, docs/adr/0039), not as chunk files that the copy reads back after
+#: the load, unless ``MLFS_ASSEMBLE=0`` (for comparisons).
+ASSEMBLE = os.environ.get("MLFS_ASSEMBLE", "1") != "0"
 #: An open of a file whose whole copy a switch is writing (docs/adr/0036) waits at most this long
 #: for it: the copy reads what the load would read, and the load after it is the kernel's.
 WHOLE_OPEN_WAIT = 2.0
@@ -481,6 +485,19 @@ class Operations(pyfuse3.Operations):
         self.supervisor.start(f"whole copy of {entry.path}", self._make_whole)
         return True
 
+    def begin_whole(self, entry: FileEntry) -> bool:
+        """*entry* is about to stream in whole from the store (a load was recognised): write
+        its whole copy as its chunks arrive (ChunkCache.begin_assembly), instead of chunk files
+        that the copy reads back after the load.  True if one is being written.  (Not for a
+        switch's fill: there the copy is mostly the old version's bytes, best copied through
+        the page cache for the load that follows; docs/adr/0039.)"""
+        if (not ASSEMBLE or self.kernel is None or not self.kernel.active
+                or entry.size < passthrough.MIN_SIZE):
+            return False
+        return self.source.cache.begin_assembly(
+            entry.blake3, entry.size,
+            list(zip(entry.chunk_ids, entry.offsets, entry.chunk_sizes))) is not None
+
     def prepare_wholes(self, entries: list[FileEntry]) -> list[FileEntry]:
         """After a switch (docs/adr/0036): whole copies of *entries*, files of the new version
         that replace one loaded whole, as soon as no load streams through the daemon; an open
@@ -530,6 +547,9 @@ class Operations(pyfuse3.Operations):
         while self._whole_queue:
             _, (entry, _) = self._whole_queue.popitem(last=False)
             self._count_whole(entry, self._whole_sync(entry))
+        # Copies begun as files streamed in and never asked for (a file still open at the
+        # unmount): their chunks become chunk files, in what time is left.
+        self.source.cache.end_assemblies(self._whole_deadline)
 
     def _count_whole(self, entry: FileEntry, outcome: str) -> None:
         kind = outcome.split(":")[0]
@@ -862,6 +882,8 @@ class Operations(pyfuse3.Operations):
             self.loads_recognised += 1
             order = stream_order(entry, det.order, heads_first=heads_first)
             stream = self._streams[key] = _Stream(self._native(cached, entry))
+            if not stream.native:  # (the C stream reads chunk files the disk cache has)
+                self.begin_whole(entry)
             self.supervisor.start(f"stream of {entry.path}",
                                   lambda: self._stream(h.inode, entry, order, stream))
             nxt = self._shard_after(entry)
@@ -1035,6 +1057,11 @@ class Operations(pyfuse3.Operations):
                             break
                 stream.whole = bool(self.opened.get(inode))
                 stream.issued.set()
+            if stream.whole and self.source.cache.assembly(entry.blake3) is not None:
+                # Its copy is admitted once the load has gone quiet, not when the file is
+                # closed (a server may keep it mapped for days): until then its chunks are in
+                # no chunk file another mount of the cache could find (docs/adr/0039).
+                self._consider_whole(entry)
         finally:
             stream.issued.set()
             if self._streams.get(key) is stream:

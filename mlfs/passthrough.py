@@ -3,7 +3,9 @@
 A file the mount has served whole has all its chunks in the disk cache.  In the background the
 mount then writes a **whole copy** of it into the cache (``files/<blake3>``), from the chunk
 files, each checked by its seal, and the copy checked against the manifest's blake3 of the whole
-file before it is admitted.  The copy counts against ``--cache-size`` like a chunk and is evicted
+file before it is admitted.  A file streamed in whole from the store has its copy written as its
+chunks arrive instead, in place of their chunk files (ChunkCache.begin_assembly, docs/adr/0039):
+after the load, only what it lacks is written and the whole is read back and checked.  The copy counts against ``--cache-size`` like a chunk and is evicted
 by the same LRU, never in favour of its own chunks.
 
 Later opens of that file are answered with ``FOPEN_PASSTHROUGH``: the kernel reads, and maps, the
@@ -174,62 +176,104 @@ READ_AHEAD = 6
 
 def make_whole(cache, entry, deadline: float = math.inf) -> str:
     """In a worker thread: write the whole copy of *entry* from its cached chunks, check it and
-    admit it (ChunkCache.put_whole).  Returns what happened: ``made``, ``exists``, ``partial``
-    (a chunk is not cached, or was found damaged: it is fetched again when read), ``no room``
-    (only its own chunks could make room), ``damaged`` (the bytes are not the manifest's
-    blake3), ``untrusted`` (others can write the cache), ``abandoned`` (``time.monotonic()``
-    passed *deadline*: the mount is ending) or ``failed: <why>`` (the disk)."""
-    if not cache.trust_seals:
-        return "untrusted"
-    if cache.whole_file(entry.blake3) is not None:
-        return "exists"
-    if not all(cache.contains(cid) for cid in entry.chunk_ids):
-        return "partial"
-    tmp = cache.root / "tmp" / f"whole-{entry.blake3}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    admit it (ChunkCache.put_whole).  Where the copy was begun as the file streamed in
+    (ChunkCache.begin_assembly, docs/adr/0039), only the chunks it lacks are written; it is
+    given up (its chunks kept as chunk files) if it cannot be admitted.  Returns what happened:
+    ``made``, ``exists``, ``partial`` (a chunk is not cached, or was found damaged: it is
+    fetched again when read), ``no room`` (only its own chunks could make room), ``damaged``
+    (the bytes are not the manifest's blake3), ``untrusted`` (others can write the cache),
+    ``abandoned`` (``time.monotonic()`` passed *deadline*: the mount is ending) or
+    ``failed: <why>`` (the disk)."""
+    asm = cache.assembly(entry.blake3)
+    if asm is not None:
+        asm.end()  # what it holds now is what it will hold
     admitted = False
+    tmp = None
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        pool = ThreadPoolExecutor(READERS, thread_name_prefix="mlfs-whole")
-        ahead: collections.deque = collections.deque()
+        if not cache.trust_seals:
+            return "untrusted"
+        if cache.whole_file(entry.blake3) is not None:
+            return "exists"
+        if not all(cache.contains(cid) for cid in entry.chunk_ids):
+            return "partial"
+        if asm is not None:
+            tmp, fd = asm.tmp, asm.fd
+        else:
+            tmp = cache.root / "tmp" / f"whole-{entry.blake3}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            digest = blake3.blake3()
-            pos = 0
-            # Chunk files read READ_AHEAD ahead of the hash and the write, READERS at a time: on
-            # this VM one at a time took 1.2-1.3 s for the 555 MiB model with the page cache
-            # dropped (docs/adr/0036).
-            pairs = iter(zip(entry.chunk_ids, entry.chunk_sizes))
-            for cid, size in pairs:
-                ahead.append((size, pool.submit(cache.get, cid, size)))
-                if len(ahead) >= READ_AHEAD:
-                    break
-            while ahead:
-                if time.monotonic() > deadline:
-                    return "abandoned"
-                size, fut = ahead.popleft()
-                nxt = next(pairs, None)
-                if nxt is not None:
-                    ahead.append((nxt[1], pool.submit(cache.get, *nxt)))
-                data = fut.result()
-                if data is None:
-                    return "partial"
-                digest.update(data)
-                done = 0
-                while done < size:
-                    done += os.pwrite(fd, data[done:], pos + done)
-                pos += size
-            if pos != entry.size or digest.hexdigest() != entry.blake3:
-                return "damaged"
-            os.fdatasync(fd)  # admitted only once on disk: nothing checks it after
+            outcome = _write_whole(cache, entry, fd, asm, deadline)
         finally:
-            for _, fut in ahead:
-                fut.cancel()
-            pool.shutdown(wait=True)
-            os.close(fd)
+            if asm is None:
+                os.close(fd)
+        if outcome:
+            return outcome
         admitted = cache.put_whole(entry.blake3, tmp,
                                    list(zip(entry.chunk_ids, entry.offsets, entry.chunk_sizes)))
         return "made" if admitted else "no room"
     except OSError as e:
         return f"failed: {e.strerror or e}"
     finally:
-        if not admitted:
+        if asm is not None:
+            # Admitted: its chunks are read from it as from any whole copy.  Else they become
+            # chunk files, within the deadline (the descriptor still reads a removed copy).
+            cache.end_assembly(asm, salvage=not admitted, deadline=deadline)
+        elif tmp is not None and not admitted:
             tmp.unlink(missing_ok=True)
+
+
+def _write_whole(cache, entry, fd: int, asm, deadline: float) -> str | None:
+    """Write *entry*'s bytes from the cache to *fd* (or, into *asm*, an Assembly, only those it
+    lacks), check them all against the file's blake3 and sync them: None, or what stopped it
+    (make_whole's outcomes)."""
+    if asm is not None:
+        todo = [(cid, size) for cid, size in dict(zip(entry.chunk_ids, entry.chunk_sizes)).items()
+                if cid not in asm.written]
+    else:
+        todo = list(zip(entry.chunk_ids, entry.chunk_sizes))
+    pool = ThreadPoolExecutor(READERS, thread_name_prefix="mlfs-whole")
+    ahead: collections.deque = collections.deque()
+    try:
+        digest = blake3.blake3()
+        pos = 0
+        # Chunk files read READ_AHEAD ahead of the hash and the write, READERS at a time: on
+        # this VM one at a time took 1.2-1.3 s for the 555 MiB model with the page cache
+        # dropped (docs/adr/0036).
+        items = iter(todo)
+        for cid, size in items:
+            ahead.append((cid, size, pool.submit(cache.get, cid, size)))
+            if len(ahead) >= READ_AHEAD:
+                break
+        while ahead:
+            if time.monotonic() > deadline:
+                return "abandoned"
+            cid, size, fut = ahead.popleft()
+            nxt = next(items, None)
+            if nxt is not None:
+                ahead.append((*nxt, pool.submit(cache.get, *nxt)))
+            data = fut.result()
+            if data is None:
+                return "partial"
+            if asm is not None:
+                asm.fill(cid, data)  # at each of its offsets; checked below, with the rest
+                continue
+            digest.update(data)
+            done = 0
+            while done < size:
+                done += os.pwrite(fd, data[done:], pos + done)
+            pos += size
+        if asm is not None:
+            # Its chunks were checked as they came; the file's blake3 is checked on the disk's
+            # bytes, read back past the page cache (the copy's name is that blake3).
+            got = asm.sync_and_hash(deadline)
+            if got is None:
+                return "abandoned"
+            return None if got == entry.blake3 else "damaged"
+        if pos != entry.size or digest.hexdigest() != entry.blake3:
+            return "damaged"
+        os.fdatasync(fd)  # admitted only once on disk: nothing checks it after
+        return None
+    finally:
+        for _, _, fut in ahead:
+            fut.cancel()
+        pool.shutdown(wait=True)

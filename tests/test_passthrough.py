@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -446,3 +447,204 @@ def test_prune_removes_copies_the_index_does_not_hold(tmp_path):
     assert cache.whole_file("1" * 64) is None  # never admitted: not used
     assert cache.prune()["whole_strays_removed"] == 1
     assert not planted.exists() and cache.whole_file(entry.blake3) is not None
+
+
+# -- whole copies written as their files stream in (docs/adr/0039) -------------------------------
+def test_a_load_streamed_from_the_store_writes_the_copy_as_it_arrives(model, mounter, tmp_path):
+    """A load recognised and streamed writes the file's chunks into its whole copy as they
+    arrive, not into chunk files that the copy reads back after the load: once the copy is
+    admitted, the cache holds no chunk file of the model's, and nothing was salvaged."""
+    man, src, want = model
+    cache = tmp_path / "c"
+    mnt = mounter("--manifest", man, "--cache-dir", cache)
+    path = mnt.mountpoint / "model.safetensors"
+    assert load(path) == want
+    wait_for(lambda: wholes(mnt, "made") == 1, what="the whole copy")
+    s = mnt.stats()
+    print({k: s[k] for k in ("wholes_assembled", "assembled_bytes", "assembled_reads",
+                             "salvaged_chunks", "bytes_fetched", "streamed_bytes")})
+    assert s["wholes_assembled"] == 1 and s["salvaged_chunks"] == 0
+    assert s["assembled_bytes"] >= src.stat().st_size // 2  # all but what came before the stream
+    assert sha(next((cache / "files").iterdir())) == sha(src)
+    assert not list((cache / "tmp").iterdir())
+    big = [p for p in (cache / "chunks").rglob("*") if p.is_file() and p.stat().st_size > 1 << 20]
+    assert not big
+    drop_pages(path)
+    assert load(path) == want and mnt.stats()["passthrough_opens"] >= 1
+
+
+HALF_LOADER = """
+import sys
+from safetensors import safe_open
+with safe_open(sys.argv[1], "np") as f:
+    keys = list(f.keys())
+    for k in keys[:len(keys) * 6 // 10]:
+        f.get_tensor(k)
+"""
+
+
+def _unread_chunks(man: Path, src: Path, read: set[str]) -> dict[str, int]:
+    """The chunks of *src* (``{id: size}``, from manifest *man*) at least 1 MiB away from the
+    header and every tensor in *read* (the kernel's read-ahead reaches past a tensor)."""
+    raw = src.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    wanted = [(8 + n + t["data_offsets"][0], 8 + n + t["data_offsets"][1])
+              for k, t in header.items() if k in read] + [(0, 8 + n)]
+    entry = next(f for f in json.loads(man.read_text())["files"]
+                 if f["path"] == "model.safetensors")
+    out, pos = {}, 0
+    for cid, size in entry["chunks"]:
+        if not any(a - (1 << 20) < pos + size and pos < b + (1 << 20) for a, b in wanted):
+            out[cid] = size
+        pos += size
+    return out
+
+
+def test_a_load_that_stops_halfway_keeps_what_it_brought_as_chunk_files(model, mounter,
+                                                                        tmp_path, store):
+    """A load recognised, streamed, then stopped by its process before the stream could bring
+    the rest (the store lacks it, here): the copy begun for it cannot be finished; the chunks
+    written into it become chunk files, and a later load fetches only what it lacks."""
+    man, src, want = model
+    keys = sorted(want)
+    unread = _unread_chunks(man, src, set(keys[:len(keys) * 6 // 10]))
+    assert unread
+    for cid in unread:
+        store.delete_chunk(cid)
+    cache = tmp_path / "c"
+    mnt = mounter("--manifest", man, "--cache-dir", cache)
+    path = mnt.mountpoint / "model.safetensors"
+    p = subprocess.run([sys.executable, "-c", HALF_LOADER, str(path)], capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    wait_for(lambda: wholes(mnt, "partial") >= 1 and mnt.stats()["salvaged_chunks"] > 0,
+             what="the copy given up and its chunks kept")
+    s = mnt.stats()
+    assert s["wholes_assembled"] == 1 and "made" not in s["whole_files"]
+    assert not list((cache / "tmp").iterdir()) and not list((cache / "files").glob("*"))
+    fetched = s["bytes_fetched"]
+    entry = next(f for f in json.loads(man.read_text())["files"]
+                 if f["path"] == "model.safetensors")
+    held = ChunkCache(cache, 1 << 40)  # what the cache holds, as the mount's index says
+    lacking = {cid: n for cid, n in entry["chunks"] if not held.contains(cid)}
+    assert set(unread) <= set(lacking) and sum(lacking.values()) < src.stat().st_size // 2
+    generate_into(store, src.parent, "pt", "v1", tmp_path)  # the store whole again
+    drop_pages(path)
+    assert load(path) == want
+    wait_for(lambda: wholes(mnt, "made") == 1, what="the whole copy")
+    assert mnt.stats()["bytes_fetched"] - fetched == sum(lacking.values())  # nothing again
+    assert sha(next((cache / "files").iterdir())) == sha(src)
+
+
+def test_a_file_kept_open_gets_its_copy_and_an_unmount_keeps_it(model, mounter, tmp_path):
+    """A file streamed whole and kept open (a server keeps its model mapped) gets its copy once
+    the stream is done, not at its close: another mount of the cache sees its chunks.  An
+    unmount at once, the file still open, finishes the copy (or keeps the chunks written as
+    chunk files): the next mount fetches nothing again."""
+    man, src, want = model
+    cache = tmp_path / "c"
+    first = mounter("--manifest", man, "--cache-dir", cache, name="first")
+    held = open(first.mountpoint / "model.safetensors", "rb")
+    try:
+        assert held.read() == src.read_bytes()  # in file order: a load, streamed
+        s = first.stats()
+        assert s["wholes_assembled"] == 1 and s["assembled_bytes"] > 0
+        wait_for(lambda: wholes(first, "made") == 1, what="the copy, the file still open")
+        assert sha(next((cache / "files").iterdir())) == sha(src)
+        other = mounter("--manifest", man, "--cache-dir", cache, "--no-passthrough",
+                        name="other")
+        assert load(other.mountpoint / "model.safetensors") == want
+        assert other.stats()["chunks_fetched"] == 0
+        other.close()
+        first.proc.send_signal(signal.SIGTERM)
+        first.proc.wait(60)
+    finally:
+        try:
+            held.close()
+        except OSError:  # ENOTCONN: the mount it was opened on is gone
+            pass
+    assert first.proc.returncode == 0
+    assert not list((cache / "tmp").iterdir())
+    first.close()
+    second = mounter("--manifest", man, "--cache-dir", cache, "--no-passthrough", name="second")
+    assert load(second.mountpoint / "model.safetensors") == want
+    assert second.stats()["chunks_fetched"] == 0
+
+
+def _entry_of(pieces: list[bytes], digest: str | None = None) -> FileEntry:
+    """A file of *pieces*, none of them cached."""
+    import blake3
+
+    whole = b"".join(pieces)
+    return FileEntry("m.bin", len(whole), 0o644, digest or blake3.blake3(whole).hexdigest(),
+                     [blake3.blake3(p).hexdigest() for p in pieces], [len(p) for p in pieces])
+
+
+def _begin(cache: ChunkCache, entry: FileEntry):
+    return cache.begin_assembly(entry.blake3, entry.size,
+                                list(zip(entry.chunk_ids, entry.offsets, entry.chunk_sizes)))
+
+
+def test_a_copy_written_as_chunks_arrive_serves_them_and_is_admitted(tmp_path):
+    """Chunks offered to a copy being written go into it, at every offset the file has them,
+    and into no chunk file; reads (whole, and a few blocks) find them there; make_whole writes
+    the chunks it lacks from the cache, checks the whole file and admits it where it is."""
+    rng = np.random.default_rng(8)
+    a, b, c = rng.bytes(3 << 20), rng.bytes(1 << 20), rng.bytes(300_000)
+    pieces = [a, b, a, c]  # the same chunk twice in one file
+    cache = ChunkCache(tmp_path / "c", 64 << 20)
+    entry = _entry_of(pieces)
+    asm = _begin(cache, entry)
+    assert asm is not None and _begin(cache, entry) is asm
+    ida, idb, _, idc = entry.chunk_ids
+    assert cache.offer(ida, a) and cache.offer(idb, b)
+    assert not cache.offer("f" * 64, b"not wanted")  # no copy wants it: a chunk file's
+    assert not cache.has_file(ida) and cache.contains(ida) and not cache.contains(idc)
+    assert bytes(cache.get(ida, len(a))) == a
+    assert bytes(cache.get_part(ida, len(a), 40_000, 50_000)) == a[40_000:50_000]
+    assert cache.put(idc, c)  # came another way: a chunk file, copied from the cache
+    assert passthrough.make_whole(cache, entry) == "made"
+    copy = cache.whole_file(entry.blake3)
+    assert copy is not None and copy.read_bytes() == b"".join(pieces)
+    assert cache.assembly(entry.blake3) is None and not list((tmp_path / "c" / "tmp").iterdir())
+    assert not cache.has_file(idc)  # in the copy's place, as with any copy
+    assert bytes(cache.get(ida, len(a))) == a  # from the admitted copy now
+    assert _begin(cache, entry) is None  # it has its copy
+
+
+def test_a_copy_that_cannot_be_finished_leaves_its_chunks_as_chunk_files(tmp_path):
+    """A load that stopped halfway, a manifest whose file blake3 is not its chunks', a mount
+    ending: the chunks written into the copy become chunk files (each checked with blake3 as it
+    is read back: a byte damaged on the disk loses that chunk only), and the copy goes."""
+    rng = np.random.default_rng(9)
+    cache = ChunkCache(tmp_path / "c", 64 << 20)
+    tmp = tmp_path / "c" / "tmp"
+
+    def begun(pieces, digest=None, offered=None):
+        entry = _entry_of(pieces, digest)
+        asm = _begin(cache, entry)
+        for cid, p in list(zip(entry.chunk_ids, pieces))[:offered]:
+            assert cache.offer(cid, p)
+        return entry, asm
+
+    pieces = [rng.bytes(2 << 20), rng.bytes(2 << 20), rng.bytes(1 << 20)]
+    entry, _ = begun(pieces, offered=2)
+    assert passthrough.make_whole(cache, entry) == "partial"  # the third never came
+    assert all(map(cache.has_file, entry.chunk_ids[:2])) and cache.salvaged_chunks == 2
+    assert bytes(cache.get(entry.chunk_ids[1], 2 << 20)) == pieces[1]
+    assert cache.assembly(entry.blake3) is None and not list(tmp.iterdir())
+
+    pieces = [rng.bytes(1 << 20), rng.bytes(1 << 20)]
+    entry, _ = begun(pieces, digest="0" * 64)
+    assert passthrough.make_whole(cache, entry) == "damaged"
+    assert cache.whole_file("0" * 64) is None and all(map(cache.has_file, entry.chunk_ids))
+    assert not list(tmp.iterdir())
+
+    pieces = [rng.bytes(1 << 20), rng.bytes(1 << 20)]
+    entry, asm = begun(pieces)
+    os.pwrite(asm.fd, b"\xff", (1 << 20) + 5)  # the disk, in the second chunk
+    cache.end_assemblies()  # as at an unmount, with the file still open
+    assert cache.has_file(entry.chunk_ids[0]) and not cache.contains(entry.chunk_ids[1])
+    assert cache.whole_file(entry.blake3) is None and not list(tmp.iterdir())
+    assert cache.salvaged_chunks == 2 + 2 + 1
