@@ -628,11 +628,13 @@ class ChunkCache:
         return None
 
     # -- whole copies written as their chunks arrive (docs/adr/0039) ------------------------------
-    def begin_assembly(self, digest: str, size: int,
-                       chunks: list[tuple[str, int, int]]) -> Assembly | None:
+    def begin_assembly(self, digest: str, size: int, chunks: list[tuple[str, int, int]],
+                       direct: bool = True) -> Assembly | None:
         """Start writing the whole copy of the file whose blake3 is *digest* (*size* bytes, made
         of *chunks*, ``(id, offset, size)``) as its chunks are fetched (:meth:`offer`); the one
-        begun already, if any.  None where whole copies are not kept (others can write the
+        begun already, if any.  *direct*: with ``O_DIRECT`` where the file system takes it (no
+        page cache: a file streamed whole, whose pages the mount has pushed already); else
+        through the page cache (a switch's copy, which a load is about to read).  None where whole copies are not kept (others can write the
         cache), where the file has one, or where the disk has no room for it."""
         if not self.trust_seals:
             return None
@@ -651,7 +653,7 @@ class ChunkCache:
         direct_fd = None
         try:
             os.posix_fallocate(fd, 0, size)  # its room now, in few extents, or not at all
-            if self.direct:
+            if direct and self.direct:
                 direct_fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC | directio.O_DIRECT)
         except OSError as e:
             os.close(fd)

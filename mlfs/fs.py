@@ -485,18 +485,19 @@ class Operations(pyfuse3.Operations):
         self.supervisor.start(f"whole copy of {entry.path}", self._make_whole)
         return True
 
-    def begin_whole(self, entry: FileEntry) -> bool:
-        """*entry* is about to stream in whole from the store (a load was recognised): write
-        its whole copy as its chunks arrive (ChunkCache.begin_assembly), instead of chunk files
-        that the copy reads back after the load.  True if one is being written.  (Not for a
-        switch's fill: there the copy is mostly the old version's bytes, best copied through
-        the page cache for the load that follows; docs/adr/0039.)"""
+    def begin_whole(self, entry: FileEntry, direct: bool = True) -> bool:
+        """*entry* is about to come in from the store (a load was recognised and streams it, or
+        a switch fills the version of a file loaded whole before): write its whole copy as its
+        chunks arrive (ChunkCache.begin_assembly), instead of chunk files that the copy reads
+        back later.  *direct*: past the page cache (a stream, whose pages the mount pushes
+        anyway); a switch's copy goes through it, for the load about to read it (docs/adr/0039).
+        True if one is being written."""
         if (not ASSEMBLE or self.kernel is None or not self.kernel.active
                 or entry.size < passthrough.MIN_SIZE):
             return False
         return self.source.cache.begin_assembly(
             entry.blake3, entry.size,
-            list(zip(entry.chunk_ids, entry.offsets, entry.chunk_sizes))) is not None
+            list(zip(entry.chunk_ids, entry.offsets, entry.chunk_sizes)), direct) is not None
 
     def prepare_wholes(self, entries: list[FileEntry]) -> list[FileEntry]:
         """After a switch (docs/adr/0036): whole copies of *entries*, files of the new version

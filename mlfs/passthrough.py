@@ -225,12 +225,23 @@ def make_whole(cache, entry, deadline: float = math.inf) -> str:
 def _write_whole(cache, entry, fd: int, asm, deadline: float) -> str | None:
     """Write *entry*'s bytes from the cache to *fd* (or, into *asm*, an Assembly, only those it
     lacks), check them all against the file's blake3 and sync them: None, or what stopped it
-    (make_whole's outcomes)."""
-    if asm is not None:
+    (make_whole's outcomes).
+
+    A copy written with ``O_DIRECT`` gets the chunks it lacks, then is read back past the page
+    cache to be checked; any other is checked as it is written, file order, the chunks it holds
+    already read from it (from the page cache its writes filled)."""
+    readback = asm is not None and asm.direct_fd is not None
+    if readback:
         todo = [(cid, size) for cid, size in dict(zip(entry.chunk_ids, entry.chunk_sizes)).items()
                 if cid not in asm.written]
     else:
         todo = list(zip(entry.chunk_ids, entry.chunk_sizes))
+
+    def load(cid: str, size: int):
+        if asm is not None and cid in asm.written:
+            return asm.read(cid, 0, size)  # checked with the rest, against the file's blake3
+        return cache.get(cid, size)
+
     pool = ThreadPoolExecutor(READERS, thread_name_prefix="mlfs-whole")
     ahead: collections.deque = collections.deque()
     try:
@@ -241,7 +252,7 @@ def _write_whole(cache, entry, fd: int, asm, deadline: float) -> str | None:
         # dropped (docs/adr/0036).
         items = iter(todo)
         for cid, size in items:
-            ahead.append((cid, size, pool.submit(cache.get, cid, size)))
+            ahead.append((cid, size, pool.submit(load, cid, size)))
             if len(ahead) >= READ_AHEAD:
                 break
         while ahead:
@@ -250,19 +261,22 @@ def _write_whole(cache, entry, fd: int, asm, deadline: float) -> str | None:
             cid, size, fut = ahead.popleft()
             nxt = next(items, None)
             if nxt is not None:
-                ahead.append((*nxt, pool.submit(cache.get, *nxt)))
+                ahead.append((*nxt, pool.submit(load, *nxt)))
             data = fut.result()
-            if data is None:
+            if data is None or len(data) != size:
                 return "partial"
-            if asm is not None:
+            if readback:
                 asm.fill(cid, data)  # at each of its offsets; checked below, with the rest
                 continue
             digest.update(data)
-            done = 0
-            while done < size:
-                done += os.pwrite(fd, data[done:], pos + done)
+            if asm is None:
+                done = 0
+                while done < size:
+                    done += os.pwrite(fd, data[done:], pos + done)
+            elif cid not in asm.written:
+                asm.fill(cid, data)
             pos += size
-        if asm is not None:
+        if readback:
             # Its chunks were checked as they came; the file's blake3 is checked on the disk's
             # bytes, read back past the page cache (the copy's name is that blake3).
             got = asm.sync_and_hash(deadline)

@@ -209,6 +209,8 @@ class Switcher:
             self.ops.info["switches"] = self.ops.info.get("switches", 0) + 1
             wanted = new.files if fill is None else fill
             if not warm and (wanted or wholes):
+                for f in wholes:  # the fill writes their new chunks into them (docs/adr/0039)
+                    self.ops.begin_whole(f, direct=False)
                 self.ops.supervisor.start(f"background fetch of {result['to']}",
                                           lambda: self._fill(wanted, result["to"], wholes))
             elif wholes:

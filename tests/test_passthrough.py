@@ -324,6 +324,10 @@ def test_a_switch_writes_the_copy_of_a_file_loaded_whole_before(model, mounter, 
     assert after["bytes_served"] == before["bytes_served"]  # not a byte through the daemon
     assert after["passthrough_opens"] >= before["passthrough_opens"] + 2
     assert after["whole_files_pending"] == 0
+    if not warm:  # the fill wrote the new chunks into the copy, not into chunk files
+        assert after["assembled_bytes"] - before["assembled_bytes"] == \
+            after["bytes_fetched"] - before["bytes_fetched"] > 0
+        assert after["salvaged_chunks"] == 0
     assert len(list((tmp_path / "c" / "files").iterdir())) == 2  # v1's copy stays, for a rollback
 
 
@@ -581,22 +585,27 @@ def _entry_of(pieces: list[bytes], digest: str | None = None) -> FileEntry:
                      [blake3.blake3(p).hexdigest() for p in pieces], [len(p) for p in pieces])
 
 
-def _begin(cache: ChunkCache, entry: FileEntry):
+def _begin(cache: ChunkCache, entry: FileEntry, direct: bool = True):
     return cache.begin_assembly(entry.blake3, entry.size,
-                                list(zip(entry.chunk_ids, entry.offsets, entry.chunk_sizes)))
+                                list(zip(entry.chunk_ids, entry.offsets, entry.chunk_sizes)),
+                                direct)
 
 
-def test_a_copy_written_as_chunks_arrive_serves_them_and_is_admitted(tmp_path):
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "page cache"])
+def test_a_copy_written_as_chunks_arrive_serves_them_and_is_admitted(tmp_path, direct):
     """Chunks offered to a copy being written go into it, at every offset the file has them,
     and into no chunk file; reads (whole, and a few blocks) find them there; make_whole writes
-    the chunks it lacks from the cache, checks the whole file and admits it where it is."""
+    the chunks it lacks from the cache, checks the whole file and admits it where it is.  A
+    stream's copy is written past the page cache (checked by reading it back), a switch's
+    through it (checked as the rest is written)."""
     rng = np.random.default_rng(8)
     a, b, c = rng.bytes(3 << 20), rng.bytes(1 << 20), rng.bytes(300_000)
     pieces = [a, b, a, c]  # the same chunk twice in one file
     cache = ChunkCache(tmp_path / "c", 64 << 20)
     entry = _entry_of(pieces)
-    asm = _begin(cache, entry)
+    asm = _begin(cache, entry, direct)
     assert asm is not None and _begin(cache, entry) is asm
+    assert (asm.direct_fd is not None) == (direct and cache.direct)
     ida, idb, _, idc = entry.chunk_ids
     assert cache.offer(ida, a) and cache.offer(idb, b)
     assert not cache.offer("f" * 64, b"not wanted")  # no copy wants it: a chunk file's
@@ -621,9 +630,9 @@ def test_a_copy_that_cannot_be_finished_leaves_its_chunks_as_chunk_files(tmp_pat
     cache = ChunkCache(tmp_path / "c", 64 << 20)
     tmp = tmp_path / "c" / "tmp"
 
-    def begun(pieces, digest=None, offered=None):
+    def begun(pieces, digest=None, offered=None, direct=True):
         entry = _entry_of(pieces, digest)
-        asm = _begin(cache, entry)
+        asm = _begin(cache, entry, direct)
         for cid, p in list(zip(entry.chunk_ids, pieces))[:offered]:
             assert cache.offer(cid, p)
         return entry, asm
@@ -635,11 +644,12 @@ def test_a_copy_that_cannot_be_finished_leaves_its_chunks_as_chunk_files(tmp_pat
     assert bytes(cache.get(entry.chunk_ids[1], 2 << 20)) == pieces[1]
     assert cache.assembly(entry.blake3) is None and not list(tmp.iterdir())
 
-    pieces = [rng.bytes(1 << 20), rng.bytes(1 << 20)]
-    entry, _ = begun(pieces, digest="0" * 64)
-    assert passthrough.make_whole(cache, entry) == "damaged"
-    assert cache.whole_file("0" * 64) is None and all(map(cache.has_file, entry.chunk_ids))
-    assert not list(tmp.iterdir())
+    for direct in (True, False):
+        pieces = [rng.bytes(1 << 20), rng.bytes(1 << 20)]
+        entry, _ = begun(pieces, digest="0" * 64, direct=direct)
+        assert passthrough.make_whole(cache, entry) == "damaged"
+        assert cache.whole_file("0" * 64) is None and all(map(cache.has_file, entry.chunk_ids))
+        assert not list(tmp.iterdir())
 
     pieces = [rng.bytes(1 << 20), rng.bytes(1 << 20)]
     entry, asm = begun(pieces)
@@ -647,4 +657,4 @@ def test_a_copy_that_cannot_be_finished_leaves_its_chunks_as_chunk_files(tmp_pat
     cache.end_assemblies()  # as at an unmount, with the file still open
     assert cache.has_file(entry.chunk_ids[0]) and not cache.contains(entry.chunk_ids[1])
     assert cache.whole_file(entry.blake3) is None and not list(tmp.iterdir())
-    assert cache.salvaged_chunks == 2 + 2 + 1
+    assert cache.salvaged_chunks == 2 + 2 + 2 + 1
