@@ -634,8 +634,9 @@ class ChunkCache:
         of *chunks*, ``(id, offset, size)``) as its chunks are fetched (:meth:`offer`); the one
         begun already, if any.  *direct*: with ``O_DIRECT`` where the file system takes it (no
         page cache: a file streamed whole, whose pages the mount has pushed already); else
-        through the page cache (a switch's copy, which a load is about to read).  None where whole copies are not kept (others can write the
-        cache), where the file has one, or where the disk has no room for it."""
+        through the page cache (a switch's copy, which a load is about to read).  None where
+        whole copies are not kept (others can write the cache), where the file has one, or
+        where the disk has no room for it."""
         if not self.trust_seals:
             return None
         with self._assemblies_lock:

@@ -5,8 +5,9 @@ mount then writes a **whole copy** of it into the cache (``files/<blake3>``), fr
 files, each checked by its seal, and the copy checked against the manifest's blake3 of the whole
 file before it is admitted.  A file streamed in whole from the store has its copy written as its
 chunks arrive instead, in place of their chunk files (ChunkCache.begin_assembly, docs/adr/0039):
-after the load, only what it lacks is written and the whole is read back and checked.  The copy counts against ``--cache-size`` like a chunk and is evicted
-by the same LRU, never in favour of its own chunks.
+after the load, only what it lacks is written and the whole is read back and checked.  The copy
+counts against ``--cache-size`` like a chunk and is evicted by the same LRU, never in favour of
+its own chunks.
 
 Later opens of that file are answered with ``FOPEN_PASSTHROUGH``: the kernel reads, and maps, the
 copy itself, in its own page cache (large folios on ext4), and the daemon sees no reads at all.
