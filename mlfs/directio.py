@@ -243,7 +243,8 @@ def write_file(path: str | os.PathLike[str], data, direct: bool, trailer: bytes 
         os.close(fd)
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, view, offset: int) -> None:
+    """Write all of *view* at *offset* (``pwrite`` may write less than it is given)."""
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
@@ -260,15 +261,15 @@ def write_at(fd: int, direct_fd: int | None, data, offset: int) -> None:
     end = offset + len(view)
     first, last = -(-offset // PAGE) * PAGE, end // PAGE * PAGE
     if direct_fd is None or last - first < PAGE:
-        _pwrite_all(fd, view, offset)
+        pwrite_all(fd, view, offset)
         return
     if first > offset:
-        _pwrite_all(fd, view[:first - offset], offset)
+        pwrite_all(fd, view[:first - offset], offset)
     if end > last:
-        _pwrite_all(fd, view[last - offset:], last)
+        pwrite_all(fd, view[last - offset:], last)
     src = _stage(last - first)[:last - first]
     src[:] = view[first - offset:last - offset]
-    _pwrite_all(direct_fd, src, first)
+    pwrite_all(direct_fd, src, first)
 
 
 def read_piece(direct_fd: int, offset: int, limit: int, piece: int = 8 << 20) -> memoryview:

@@ -34,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import blake3
 
+from .directio import pwrite_all
+
 log = logging.getLogger("mlfs.passthrough")
 
 try:
@@ -271,9 +273,7 @@ def _write_whole(cache, entry, fd: int, asm, deadline: float) -> str | None:
                 continue
             digest.update(data)
             if asm is None:
-                done = 0
-                while done < size:
-                    done += os.pwrite(fd, data[done:], pos + done)
+                pwrite_all(fd, data, pos)
             elif cid not in asm.written:
                 asm.fill(cid, data)
             pos += size
