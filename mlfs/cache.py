@@ -139,8 +139,6 @@ class Assembly:
                  fd: int, direct_fd: int | None) -> None:
         self.digest = digest
         self.size = size
-        #: ``(chunk id, offset, size)`` of the file, in file order.
-        self.chunks = chunks
         self.tmp = tmp
         #: The copy open through the page cache, and with ``O_DIRECT`` (None where the file
         #: system refuses it): directio.write_at.
@@ -153,7 +151,6 @@ class Assembly:
             self.sizes[cid] = n
         #: Chunks written at every offset where the file has them.
         self.written: set[str] = set()
-        self.bytes_written = 0
         self.lock = threading.Lock()
         #: Set first when the copy is admitted or given up: no more writes after it.
         self.ending = False
@@ -162,25 +159,25 @@ class Assembly:
     def write(self, chunk_id: str, data) -> bool:
         """Write *chunk_id* (verified bytes) at each of its offsets; False if the copy is being
         admitted or given up.  Raises OSError (the disk)."""
-        view = memoryview(data).cast("B")
         with self.lock:
             if self.ending:
                 return False
-            for off in self.offsets[chunk_id]:
-                directio.write_at(self.fd, self.direct_fd, view, off)
+            self._write(chunk_id, data)
             self.written.add(chunk_id)
-            self.bytes_written += len(view)
         return True
 
     def fill(self, chunk_id: str, data) -> None:
         """Write *chunk_id* at each of its offsets, after :meth:`end` too (make_whole writes the
         chunks the copy lacks so).  Raises OSError, also once the copy is closed."""
-        view = memoryview(data).cast("B")
         with self.lock:
             if self.closed:
                 raise OSError(errno.EBADF, "whole copy closed")
-            for off in self.offsets[chunk_id]:
-                directio.write_at(self.fd, self.direct_fd, view, off)
+            self._write(chunk_id, data)
+
+    def _write(self, chunk_id: str, data) -> None:
+        view = memoryview(data).cast("B")
+        for off in self.offsets[chunk_id]:
+            directio.write_at(self.fd, self.direct_fd, view, off)
 
     def sync_and_hash(self, deadline: float = float("inf")) -> str | None:
         """Sync the copy to the disk, then read it back (with ``O_DIRECT`` where it can: no
