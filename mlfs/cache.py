@@ -259,6 +259,7 @@ class ChunkCache:
         self._assembled: dict[str, Assembly] = {}
         self._assemblies_lock = threading.Lock()
         self.assembled_reads = 0  # chunks read back from a copy being written
+        self.peer_reads = 0  # ... from a copy another process of the cache is writing
         self.assemblies_begun = 0
         self.assembled_bytes = 0  # written into them by offer
         self.salvaged_chunks = 0  # put into chunk files when a copy was given up
@@ -293,7 +294,7 @@ class ChunkCache:
         """Create the index, or bring one written by an older mlfs up to date (any number of
         processes may do this at once: it is one ``BEGIN IMMEDIATE`` transaction)."""
         db = self._db()
-        if {"totals", "located"} <= _tables(db) and "blocks" in _columns(db, "chunks"):
+        if {"totals", "located", "assembling"} <= _tables(db) and "blocks" in _columns(db, "chunks"):
             return
         with _immediate(db):
             if "chunks" not in _tables(db):
@@ -320,6 +321,13 @@ class ChunkCache:
                 db.execute("CREATE TABLE located ([id] TEXT, [whole] TEXT, [offset] INTEGER, "
                            "[size] INTEGER, PRIMARY KEY (id, whole))")
                 db.execute("CREATE INDEX idx_located_whole ON located (whole)")
+            if "assembling" not in _tables(db):
+                # Chunks written into whole copies still being written (docs/adr/0039, 0040),
+                # ``tmp`` being the copy's name in tmp/: other mounts of the cache read them from
+                # there (checked with blake3) until the copy is admitted or given up.
+                db.execute("CREATE TABLE assembling ([id] TEXT, [tmp] TEXT, [offset] INTEGER, "
+                           "[size] INTEGER, PRIMARY KEY (id, tmp))")
+                db.execute("CREATE INDEX idx_assembling_tmp ON assembling (tmp)")
                 db.execute(f"CREATE TRIGGER whole_removed AFTER DELETE ON chunks WHEN OLD.id "
                            f"LIKE '{WHOLE}%' BEGIN DELETE FROM located WHERE whole = "
                            f"substr(OLD.id, {len(WHOLE) + 1}); END")
@@ -355,7 +363,8 @@ class ChunkCache:
         try:
             data = self._read(chunk_id, size)
         except OSError:  # no chunk file: in a whole copy, perhaps, or in one being written
-            return self._located(chunk_id, size) or self._assembled_chunk(chunk_id, size)
+            return (self._located(chunk_id, size) or self._assembled_chunk(chunk_id, size)
+                    or self._peer_chunk(chunk_id, size))
         if data is None:
             self.corrupt += 1
             self._remove(chunk_id)
@@ -586,9 +595,10 @@ class ChunkCache:
         return raw[start - first:end - first]
 
     def contains(self, chunk_id: str) -> bool:
-        """Whether the chunk is here: as its own file, in a whole copy, or in one being written."""
+        """Whether the chunk is here: as its own file, in a whole copy, or in one being written
+        (by this process or another)."""
         return (chunk_id in self._assembled or self.has_file(chunk_id)
-                or bool(self._locations(chunk_id)))
+                or bool(self._locations(chunk_id)) or bool(self._peer_locations(chunk_id)))
 
     def has_file(self, chunk_id: str) -> bool:
         return self.path(chunk_id).exists()
@@ -694,6 +704,8 @@ class ChunkCache:
                 log.warning("whole copy %s: %s: written as chunk files instead", asm.digest[:16],
                             e.strerror or e)
                 self.end_assembly(asm, salvage=True)
+        if taken:
+            self._note_assembled(chunk_id, len(data), [a for a in wanting if chunk_id in a.written])
         if taken and len(data) >= SMALL_CHUNK and self.trust_seals:
             # A page of it the kernel lets go of is read back as a block (get_part), as for a
             # chunk file.
@@ -713,6 +725,68 @@ class ChunkCache:
         self.assembled_reads += 1
         return memoryview(data)
 
+    #: Chunks in copies other processes are writing are read from there (docs/adr/0040) unless
+    #: ``MLFS_PEER_READS=0`` (for comparisons).
+    PEER_READS = os.environ.get("MLFS_PEER_READS", "1") != "0"
+
+    def _note_assembled(self, chunk_id: str, size: int, into: list[Assembly]) -> None:
+        """Tell other mounts of the cache where *chunk_id* now is: the copies *into*, still
+        being written (their rows go when the copy is admitted or given up)."""
+        try:
+            self._db().executemany(
+                "INSERT OR REPLACE INTO assembling (id, tmp, offset, size) VALUES (?, ?, ?, ?)",
+                [(chunk_id, a.tmp.name, a.offsets[chunk_id][0], size) for a in into])
+        except sqlite3.Error as e:  # they fetch it themselves, as before
+            log.debug("cache: chunk %s not indexed as being in a copy: %s", chunk_id[:16], e)
+
+    def _forget_assembling(self, tmp_name: str) -> None:
+        try:
+            self._db().execute("DELETE FROM assembling WHERE tmp = ?", [tmp_name])
+        except sqlite3.Error:
+            pass
+
+    def _peer_locations(self, chunk_id: str) -> list[tuple[str, int]]:
+        """The copies being written that hold *chunk_id*, by any process: ``(name in tmp/,
+        offset)``, this process's own left out (:meth:`_assembled_chunk` reads those)."""
+        if not self.PEER_READS:
+            return []
+        try:
+            rows = self._db().execute("SELECT tmp, offset FROM assembling WHERE id = ?",
+                                      [chunk_id]).fetchall()
+        except sqlite3.Error:
+            return []
+        with self._assemblies_lock:
+            own = {a.tmp.name for a in self._assemblies.values()}
+        return [r for r in rows if r[0] not in own]
+
+    def _peer_chunk(self, chunk_id: str, size: int) -> memoryview | None:
+        """The chunk read from a copy another mount of the cache is writing, checked with
+        blake3 (docs/adr/0040).  A copy gone (admitted, or given up) takes its rows with it."""
+        for name, offset in self._peer_locations(chunk_id):
+            path = self.root / "tmp" / name
+            if "/" in name or not name.startswith(WHOLE):  # a row names a copy in tmp/ only
+                continue
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    data = os.pread(f.fileno(), size, offset)
+            except FileNotFoundError:
+                self._forget_assembling(name)
+                continue
+            except OSError:
+                continue
+            if len(data) == size and blake3.blake3(data).hexdigest() == chunk_id:
+                self.peer_reads += 1
+                return memoryview(data)
+            log.warning("cache: copy being written %s does not hold chunk %s where the index "
+                        "says: not read from it", name[:24], chunk_id[:16])
+            self.corrupt += 1
+            try:
+                self._db().execute("DELETE FROM assembling WHERE id = ? AND tmp = ?",
+                                   [chunk_id, name])
+            except sqlite3.Error:
+                pass
+        return None
+
     def end_assembly(self, asm: Assembly, salvage: bool = False,
                      deadline: float = float("inf")) -> int:
         """Stop writing *asm* (admitted by put_whole, or given up).  With *salvage*, the chunks
@@ -720,6 +794,7 @@ class ChunkCache:
         with blake3 as they are read back), until ``time.monotonic()`` passes *deadline*; the
         copy itself is removed.  Returns how many chunks were salvaged."""
         asm.end()
+        self._forget_assembling(asm.tmp.name)
         salvaged = 0
         if salvage:
             for cid in sorted(asm.written):
@@ -870,6 +945,7 @@ class ChunkCache:
                         f"SELECT id FROM chunks WHERE id IN ({marks})", part)]
                     db.execute(f"DELETE FROM chunks WHERE id IN ({marks})", part)
                 self._make_room(db, size)
+                db.execute("DELETE FROM assembling WHERE tmp = ?", [tmp.name])
                 os.replace(tmp, self.path(name))
                 db.execute("INSERT INTO chunks (id, size, atime) VALUES (?, ?, ?)",
                            [name, size, time.time()])
@@ -945,6 +1021,9 @@ class ChunkCache:
             except FileNotFoundError:
                 pass
         db.execute(f"DELETE FROM located WHERE '{WHOLE}' || whole NOT IN (SELECT id FROM chunks)")
+        for (name,) in list(db.execute("SELECT DISTINCT tmp FROM assembling")):
+            if not (self.root / "tmp" / name).exists():
+                db.execute("DELETE FROM assembling WHERE tmp = ?", [name])
         # The triggers keep the totals exact; recounting here repairs an index edited by hand.
         db.execute("UPDATE totals SET count = (SELECT COUNT(*) FROM chunks), "
                    "bytes = (SELECT COALESCE(SUM(size), 0) FROM chunks)")

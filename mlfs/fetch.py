@@ -384,6 +384,7 @@ class ChunkSource:
             "wholes_assembled": self.cache.assemblies_begun,
             "assembled_bytes": self.cache.assembled_bytes,
             "assembled_reads": self.cache.assembled_reads,
+            "peer_assembled_reads": self.cache.peer_reads,
             "salvaged_chunks": self.cache.salvaged_chunks,
             "cache_write_errors": self.cache.write_errors,
             "retries": self.store.retries if self.store else 0,

@@ -576,6 +576,47 @@ def test_a_file_kept_open_gets_its_copy_and_an_unmount_keeps_it(model, mounter, 
     assert second.stats()["chunks_fetched"] == 0
 
 
+def test_a_second_mount_reads_what_the_first_is_still_writing(model, mounter, tmp_path, store):
+    """Two mounts of one cache, the second loading while the first's copy of the file is still
+    being written (here the first's daemon is stopped with SIGSTOP before it could finish or give
+    up the copy: its store lacked the rest): the second reads every chunk the first wrote from
+    that copy, checked with blake3, and fetches only the others (docs/adr/0040)."""
+    import sqlite3
+
+    man, src, want = model
+    keys = sorted(want)
+    unread = _unread_chunks(man, src, set(keys[:len(keys) * 6 // 10]))
+    assert unread
+    for cid in unread:
+        store.delete_chunk(cid)
+    cache = tmp_path / "c"
+    first = mounter("--manifest", man, "--cache-dir", cache, name="first")
+    p = subprocess.run([sys.executable, "-c", HALF_LOADER, str(first.mountpoint / "model.safetensors")],
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    wait_for(lambda: first.stats()["cache_writes_pending"] == 0, what="the first's writes")
+    first.proc.send_signal(signal.SIGSTOP)
+    try:
+        with sqlite3.connect(cache / "index.db") as db:
+            written = {cid for (cid,) in db.execute("SELECT id FROM assembling")}
+            files = {cid for (cid,) in db.execute("SELECT id FROM chunks")}  # came before the stream
+        entry = next(f for f in json.loads(man.read_text())["files"]
+                     if f["path"] == "model.safetensors")
+        sizes = dict(entry["chunks"])
+        assert written and not written & set(unread)
+        generate_into(store, src.parent, "pt", "v1", tmp_path)  # the store whole again
+        second = mounter("--manifest", man, "--cache-dir", cache, name="second")
+        assert load(second.mountpoint / "model.safetensors") == want
+        s = second.stats()
+        assert s["peer_assembled_reads"] >= len(written)
+        assert s["bytes_fetched"] == sum(n for cid, n in sizes.items()
+                                         if cid not in written and cid not in files)
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+    first.close()
+    assert first.proc.returncode == 0
+
+
 def _entry_of(pieces: list[bytes], digest: str | None = None) -> FileEntry:
     """A file of *pieces*, none of them cached."""
     import blake3
@@ -658,3 +699,63 @@ def test_a_copy_that_cannot_be_finished_leaves_its_chunks_as_chunk_files(tmp_pat
     assert cache.has_file(entry.chunk_ids[0]) and not cache.contains(entry.chunk_ids[1])
     assert cache.whole_file(entry.blake3) is None and not list(tmp.iterdir())
     assert cache.salvaged_chunks == 2 + 2 + 2 + 1
+
+
+def test_another_mount_reads_chunks_from_a_copy_still_being_written(tmp_path):
+    """Two mounts of one cache (two ChunkCache objects on one directory): a chunk the first
+    has written into a copy it is still writing is a hit for the second, read from that copy
+    and checked with blake3 (docs/adr/0040); a byte damaged there is not handed on; once the
+    copy is admitted the second finds the chunk in it, and once a copy is given up its rows go
+    and the chunks are chunk files."""
+    rng = np.random.default_rng(11)
+    pieces = [rng.bytes(2 << 20), rng.bytes(1 << 20), rng.bytes(3 << 20)]
+    first = ChunkCache(tmp_path / "c", 64 << 20)
+    second = ChunkCache(tmp_path / "c", 64 << 20)
+    entry = _entry_of(pieces)
+    ida, idb, idc = entry.chunk_ids
+    asm = _begin(first, entry)
+    assert first.offer(ida, pieces[0]) and first.offer(idb, pieces[1])
+    assert not second.has_file(ida) and second.contains(ida) and not second.contains(idc)
+    assert bytes(second.get(ida, len(pieces[0]))) == pieces[0]
+    assert second.get(idc, len(pieces[2])) is None and second.peer_reads == 1
+    assert first.peer_reads == 0 and bytes(first.get(idb, len(pieces[1]))) == pieces[1]
+
+    os.pwrite(asm.fd, b"\xff", (2 << 20) + 7)  # the disk, inside the second chunk
+    assert second.get(idb, len(pieces[1])) is None  # not handed on, and no longer indexed
+    assert second.corrupt == 1 and not second.contains(idb)
+    os.pwrite(asm.fd, pieces[1][7:8], (2 << 20) + 7)
+
+    assert first.offer(idc, pieces[2])
+    assert passthrough.make_whole(first, entry) == "made"
+    assert bytes(second.get(idc, len(pieces[2]))) == pieces[2]  # from the admitted copy now
+    assert second.located_reads == 1 and second.peer_reads == 1
+    assert not first._db().execute("SELECT * FROM assembling").fetchall()
+
+    other = [rng.bytes(1 << 20), rng.bytes(1 << 20)]
+    entry2 = _entry_of(other)
+    asm2 = _begin(second, entry2)
+    assert second.offer(entry2.chunk_ids[0], other[0])
+    assert first.contains(entry2.chunk_ids[0])
+    asm2.tmp.unlink()  # gone under the index (a crash, then `mlfs cache prune` of tmp/)
+    assert first.get(entry2.chunk_ids[0], 1 << 20) is None
+    assert not first.contains(entry2.chunk_ids[0])
+    second.end_assemblies()
+    assert not second._db().execute("SELECT * FROM assembling").fetchall()
+
+
+def test_a_given_up_copy_leaves_no_rows_for_other_mounts(tmp_path):
+    """A copy given up (a mount ending) takes its rows out of the index before its file goes;
+    its chunks are then found as chunk files by the other mount."""
+    rng = np.random.default_rng(12)
+    pieces = [rng.bytes(1 << 20), rng.bytes(1 << 20)]
+    first = ChunkCache(tmp_path / "c", 64 << 20)
+    second = ChunkCache(tmp_path / "c", 64 << 20)
+    entry = _entry_of(pieces)
+    _begin(first, entry)
+    assert first.offer(entry.chunk_ids[0], pieces[0])
+    assert second._peer_locations(entry.chunk_ids[0])
+    first.end_assemblies()
+    assert not second._peer_locations(entry.chunk_ids[0])
+    assert second.has_file(entry.chunk_ids[0])
+    assert bytes(second.get(entry.chunk_ids[0], 1 << 20)) == pieces[0]
+    assert second.peer_reads == 0
