@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -260,6 +261,8 @@ class ChunkCache:
         self._assemblies_lock = threading.Lock()
         self.assembled_reads = 0  # chunks read back from a copy being written
         self.peer_reads = 0  # ... from a copy another process of the cache is writing
+        self.peer_waits = 0  # misses another process fetched while this one waited (claim)
+        self.claims_given_up = 0  # ... or waited for in vain, and fetched after all
         self.assemblies_begun = 0
         self.assembled_bytes = 0  # written into them by offer
         self.salvaged_chunks = 0  # put into chunk files when a copy was given up
@@ -268,6 +271,7 @@ class ChunkCache:
             self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
             (self.root / "chunks").mkdir(mode=0o755, exist_ok=True)
             (self.root / "tmp").mkdir(mode=0o755, exist_ok=True)
+            (self.root / "fetching").mkdir(mode=0o755, exist_ok=True)
             if not os.access(self.root, os.W_OK | os.X_OK):
                 raise PermissionError(13, "Permission denied")
             #: Chunk files are written past the page cache where the file system allows it
@@ -787,6 +791,64 @@ class ChunkCache:
                 pass
         return None
 
+    # -- fetches under way in other processes of the cache (docs/adr/0040) -------------------------
+    def claim(self, chunk_id: str, size: int, wait: float) -> tuple[int | None, memoryview | None]:
+        """Before this process fetches *chunk_id* (a miss): take its lock file in ``fetching/``,
+        so another mount of the cache that misses it meanwhile waits for this fetch instead of
+        making its own.  Returns ``(claim, None)``: fetch it, then :meth:`release` the claim once
+        it is admitted (or the fetch failed); ``(None, data)``: another process held the lock and
+        the chunk is here now (checked as every read from the cache is); ``(None, None)``: fetch
+        it without a claim (no lock to be had, or another process held it for *wait* seconds).
+        Never needed for correctness: at worst a chunk is fetched twice."""
+        if not self.PEER_READS:
+            return None, None
+        path = self.root / "fetching" / chunk_id
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            except OSError:
+                return None, None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() > deadline:
+                    self.claims_given_up += 1
+                    return None, None
+                time.sleep(0.01)
+                data = self.get(chunk_id, size)
+                if data is not None:
+                    self.peer_waits += 1
+                    return None, data
+                continue
+            except OSError:
+                os.close(fd)
+                return None, None
+            try:  # the file locked may have been released (unlinked) since it was opened
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except OSError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            # Another process may have admitted it since this one missed it, and released its
+            # claim (waited for here, or before this one looked).
+            data = self.get(chunk_id, size)
+            if data is not None:
+                self.release(chunk_id, fd)
+                self.peer_waits += 1
+                return None, data
+            return fd, None
+
+    def release(self, chunk_id: str, claim: int | None) -> None:
+        """Give up a :meth:`claim` (the chunk admitted, or its fetch failed)."""
+        if claim is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.root / "fetching" / chunk_id)
+        os.close(claim)
+
     def end_assembly(self, asm: Assembly, salvage: bool = False,
                      deadline: float = float("inf")) -> int:
         """Stop writing *asm* (admitted by put_whole, or given up).  With *salvage*, the chunks
@@ -1019,6 +1081,18 @@ class ChunkCache:
                     f.unlink()
                     tmp_removed += 1
             except FileNotFoundError:
+                pass
+        for f in (self.root / "fetching").iterdir():  # claims a crash left (claim), if free
+            try:
+                if f.stat().st_mtime < cutoff:
+                    fd = os.open(f, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        f.unlink()
+                        tmp_removed += 1
+                    finally:
+                        os.close(fd)
+            except OSError:
                 pass
         db.execute(f"DELETE FROM located WHERE '{WHOLE}' || whole NOT IN (SELECT id FROM chunks)")
         for (name,) in list(db.execute("SELECT DISTINCT tmp FROM assembling")):

@@ -293,12 +293,22 @@ class ChunkSource:
         return self.cache.get(chunk_id, size)
 
     def _fetch_sync(self, chunk_id: str, size: int | None) -> bytes:
-        """In a worker thread: GET (with retries), verify, admit to the disk cache."""
+        """In a worker thread: GET (with retries), verify, admit to the disk cache.  Another
+        mount of the cache fetching the same chunk is waited for instead (ChunkCache.claim), for
+        at most a third of the read's time."""
         c = self.counters
+        claim, data = (None, None) if size is None else self.cache.claim(
+            chunk_id, size, wait=self.timeout / 3)
+        if data is not None:
+            return data
         try:
             data = self.store.get_chunk_verified(chunk_id, size, deadline=max(1.0, self.timeout - 12))
         except StoreError:
             c.fetch_errors += 1
+            self.cache.release(chunk_id, claim)
+            raise
+        except BaseException:
+            self.cache.release(chunk_id, claim)
             raise
         c.chunks_fetched += 1
         c.bytes_fetched += len(data)
@@ -306,10 +316,16 @@ class ChunkSource:
         # a disk slower than the network slows fetching down instead of growing memory.
         self._write_slots.acquire()
         self._writing.add(chunk_id)
-        self._writer.submit(self._admit, chunk_id, data)
+        try:
+            self._writer.submit(self._admit, chunk_id, data, claim)
+        except BaseException:  # the writer shut down (an unmount): nothing will admit it
+            self._writing.discard(chunk_id)
+            self._write_slots.release()
+            self.cache.release(chunk_id, claim)
+            raise
         return data
 
-    def _admit(self, chunk_id: str, data: bytes) -> None:
+    def _admit(self, chunk_id: str, data: bytes, claim: int | None = None) -> None:
         admitted = False
         try:
             # Into the whole copy being written of a file streamed whole, if one wants it
@@ -325,6 +341,7 @@ class ChunkSource:
                 self._drop_when_written.discard(chunk_id)
             self._writing.discard(chunk_id)
             self._write_slots.release()
+            self.cache.release(chunk_id, claim)  # admitted (or refused): others look again
         token = self._token
         if admitted and chunk_id in self._drop_when_written and token is not None:
             with contextlib.suppress(trio.RunFinishedError):
@@ -385,6 +402,9 @@ class ChunkSource:
             "assembled_bytes": self.cache.assembled_bytes,
             "assembled_reads": self.cache.assembled_reads,
             "peer_assembled_reads": self.cache.peer_reads,
+            # Misses another mount of the cache was fetching: waited for, or fetched after all.
+            "peer_fetch_waits": self.cache.peer_waits,
+            "peer_fetch_waits_given_up": self.cache.claims_given_up,
             "salvaged_chunks": self.cache.salvaged_chunks,
             "cache_write_errors": self.cache.write_errors,
             "retries": self.store.retries if self.store else 0,

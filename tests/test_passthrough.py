@@ -505,23 +505,31 @@ def _unread_chunks(man: Path, src: Path, read: set[str]) -> dict[str, int]:
     return out
 
 
-def test_a_load_that_stops_halfway_keeps_what_it_brought_as_chunk_files(model, mounter,
-                                                                        tmp_path, store):
-    """A load recognised, streamed, then stopped by its process before the stream could bring
-    the rest (the store lacks it, here): the copy begun for it cannot be finished; the chunks
-    written into it become chunk files, and a later load fetches only what it lacks."""
+def _halfway(model, mounter, store, cache: Path, name: str = "mnt"):
+    """A mount of *model* whose store lacks the chunks a load of 60% of the tensors does not
+    need, after that load (HALF_LOADER) through it: the mount, and the ids left out."""
     man, src, want = model
     keys = sorted(want)
     unread = _unread_chunks(man, src, set(keys[:len(keys) * 6 // 10]))
     assert unread
     for cid in unread:
         store.delete_chunk(cid)
-    cache = tmp_path / "c"
-    mnt = mounter("--manifest", man, "--cache-dir", cache)
-    path = mnt.mountpoint / "model.safetensors"
-    p = subprocess.run([sys.executable, "-c", HALF_LOADER, str(path)], capture_output=True,
-                       text=True, timeout=180)
+    mnt = mounter("--manifest", man, "--cache-dir", cache, name=name)
+    p = subprocess.run([sys.executable, "-c", HALF_LOADER, str(mnt.mountpoint / "model.safetensors")],
+                       capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr
+    return mnt, unread
+
+
+def test_a_load_that_stops_halfway_keeps_what_it_brought_as_chunk_files(model, mounter,
+                                                                        tmp_path, store):
+    """A load recognised, streamed, then stopped by its process before the stream could bring
+    the rest (the store lacks it, here): the copy begun for it cannot be finished; the chunks
+    written into it become chunk files, and a later load fetches only what it lacks."""
+    man, src, want = model
+    cache = tmp_path / "c"
+    mnt, unread = _halfway(model, mounter, store, cache)
+    path = mnt.mountpoint / "model.safetensors"
     wait_for(lambda: wholes(mnt, "partial") >= 1 and mnt.stats()["salvaged_chunks"] > 0,
              what="the copy given up and its chunks kept")
     s = mnt.stats()
@@ -584,16 +592,8 @@ def test_a_second_mount_reads_what_the_first_is_still_writing(model, mounter, tm
     import sqlite3
 
     man, src, want = model
-    keys = sorted(want)
-    unread = _unread_chunks(man, src, set(keys[:len(keys) * 6 // 10]))
-    assert unread
-    for cid in unread:
-        store.delete_chunk(cid)
     cache = tmp_path / "c"
-    first = mounter("--manifest", man, "--cache-dir", cache, name="first")
-    p = subprocess.run([sys.executable, "-c", HALF_LOADER, str(first.mountpoint / "model.safetensors")],
-                       capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, p.stderr
+    first, unread = _halfway(model, mounter, store, cache, name="first")
     wait_for(lambda: first.stats()["cache_writes_pending"] == 0, what="the first's writes")
     first.proc.send_signal(signal.SIGSTOP)
     try:
@@ -759,3 +759,85 @@ def test_a_given_up_copy_leaves_no_rows_for_other_mounts(tmp_path):
     assert second.has_file(entry.chunk_ids[0])
     assert bytes(second.get(entry.chunk_ids[0], 1 << 20)) == pieces[0]
     assert second.peer_reads == 0
+
+
+def test_a_miss_another_mount_is_fetching_waits_for_that_fetch(tmp_path):
+    """Two mounts of one cache missing the same chunk: the second to claim it waits for the
+    first's fetch and reads the chunk once admitted (docs/adr/0040); if the first fails, the
+    second fetches; one that waits too long fetches without a claim."""
+    import threading
+
+    rng = np.random.default_rng(13)
+    data = rng.bytes(1 << 20)
+    cid = __import__("blake3").blake3(data).hexdigest()
+    first = ChunkCache(tmp_path / "c", 64 << 20)
+    second = ChunkCache(tmp_path / "c", 64 << 20)
+
+    claim, got = first.claim(cid, len(data), wait=5)
+    assert claim is not None and got is None
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=second.claim(cid, len(data), wait=20)))
+    t.start()
+    time.sleep(0.3)
+    assert t.is_alive()  # waiting for the first's fetch
+    assert first.put(cid, data)
+    first.release(cid, claim)
+    t.join(10)
+    assert out["r"][0] is None and bytes(out["r"][1]) == data and second.peer_waits == 1
+
+    data2 = rng.bytes(1 << 20)
+    cid2 = __import__("blake3").blake3(data2).hexdigest()
+    claim, _ = first.claim(cid2, len(data2), wait=5)
+    t = threading.Thread(target=lambda: out.update(r=second.claim(cid2, len(data2), wait=20)))
+    t.start()
+    time.sleep(0.2)
+    first.release(cid2, claim)  # its fetch failed: nothing admitted
+    t.join(10)
+    theirs, got = out["r"]
+    assert theirs is not None and got is None  # the second fetches it now
+    second.release(cid2, theirs)
+
+    claim, _ = first.claim(cid2, len(data2), wait=5)
+    assert second.claim(cid2, len(data2), wait=0.2) == (None, None)
+    assert second.claims_given_up == 1
+    first.release(cid2, claim)
+    assert not list((tmp_path / "c" / "fetching").iterdir())
+
+
+def test_two_mounts_loading_at_once_fetch_each_chunk_once(model, mounter, tmp_path):
+    """Two mounts of one cache, the same model loaded through both at the same moment: between
+    them every chunk crosses the link once (docs/adr/0040): a miss the other mount is fetching
+    waits for it, a chunk the other has written into its copy is read from there."""
+    man, src, want = model
+    cache = tmp_path / "c"
+    a = mounter("--manifest", man, "--cache-dir", cache, name="a")
+    b = mounter("--manifest", man, "--cache-dir", cache, name="b")
+    procs = [subprocess.Popen([sys.executable, "-c", LOADER, str(m.mountpoint / "model.safetensors")],
+                              stdout=subprocess.PIPE, text=True) for m in (a, b)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert [json.loads(o) for o in outs] == [want, want]
+    entry = next(f for f in json.loads(man.read_text())["files"] if f["path"] == "model.safetensors")
+    unique = sum(dict(entry["chunks"]).values())
+    sa, sb = a.stats(), b.stats()
+    print({k: (sa[k], sb[k]) for k in ("bytes_fetched", "peer_assembled_reads", "peer_fetch_waits",
+                                       "peer_fetch_waits_given_up")})
+    assert sa["bytes_fetched"] + sb["bytes_fetched"] == unique
+    assert sa["peer_fetch_waits_given_up"] == sb["peer_fetch_waits_given_up"] == 0
+
+
+def test_prune_removes_claims_a_crash_left_and_keeps_those_held(tmp_path):
+    """`mlfs cache prune`: a lock file in fetching/ an hour old and free is a crash's leftover
+    and goes; one still held (a fetch under way, however long) stays, as do rows of copies being
+    written whose files still exist."""
+    cache = ChunkCache(tmp_path / "c", 64 << 20)
+    old = time.time() - 7200
+    left, held = tmp_path / "c" / "fetching" / ("a" * 64), tmp_path / "c" / "fetching" / ("b" * 64)
+    left.touch()
+    os.utime(left, (old, old))
+    claim, _ = cache.claim("b" * 64, 10, wait=1)
+    os.utime(held, (old, old))
+    cache.prune()
+    assert not left.exists() and held.exists()
+    cache.release("b" * 64, claim)
+    assert not held.exists()
