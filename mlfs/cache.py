@@ -325,6 +325,9 @@ class ChunkCache:
                 db.execute("CREATE TABLE located ([id] TEXT, [whole] TEXT, [offset] INTEGER, "
                            "[size] INTEGER, PRIMARY KEY (id, whole))")
                 db.execute("CREATE INDEX idx_located_whole ON located (whole)")
+                db.execute(f"CREATE TRIGGER whole_removed AFTER DELETE ON chunks WHEN OLD.id "
+                           f"LIKE '{WHOLE}%' BEGIN DELETE FROM located WHERE whole = "
+                           f"substr(OLD.id, {len(WHOLE) + 1}); END")
             if "assembling" not in _tables(db):
                 # Chunks written into whole copies still being written (docs/adr/0039, 0040),
                 # ``tmp`` being the copy's name in tmp/: other mounts of the cache read them from
@@ -332,9 +335,6 @@ class ChunkCache:
                 db.execute("CREATE TABLE assembling ([id] TEXT, [tmp] TEXT, [offset] INTEGER, "
                            "[size] INTEGER, PRIMARY KEY (id, tmp))")
                 db.execute("CREATE INDEX idx_assembling_tmp ON assembling (tmp)")
-                db.execute(f"CREATE TRIGGER whole_removed AFTER DELETE ON chunks WHEN OLD.id "
-                           f"LIKE '{WHOLE}%' BEGIN DELETE FROM located WHERE whole = "
-                           f"substr(OLD.id, {len(WHOLE) + 1}); END")
 
     # -- plumbing -------------------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:

@@ -236,6 +236,26 @@ def test_index_of_an_older_cache_gets_its_totals(tmp_path):
     assert c.put(cid, data) and c.stats()["bytes"] == 42 + 100 + SEAL
 
 
+def test_index_of_the_last_layout_gets_the_table_of_copies_being_written(tmp_path):
+    """A cache whose index the previous mlfs wrote (totals, block checksums, whole copies and
+    their trigger; no table of copies being written) opens, keeps what it holds, and gains the
+    table (docs/adr/0040)."""
+    import sqlite3
+
+    root = tmp_path / "cache"
+    cid, data = chunk(PAGE)
+    assert ChunkCache(root, 1 << 20).put(cid, data)
+    conn = sqlite3.connect(root / "index.db")
+    conn.execute("DROP TABLE assembling")
+    conn.commit()
+    conn.close()
+    c = ChunkCache(root, 1 << 20)
+    assert bytes(c.get(cid, PAGE)) == data
+    assert c._db().execute("SELECT COUNT(*) FROM assembling").fetchone() == (0,)
+    triggers = {r[0] for r in c._db().execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    assert "whole_removed" in triggers
+
+
 def test_seals_are_not_trusted_where_others_can_write_chunk_files(tmp_path):
     # A seal is a checksum anyone can compute: in a cache directory that other users can write,
     # a planted file with a valid seal must still fail, because loads then re-hash with blake3.
