@@ -25,5 +25,6 @@ echo "== the mount's GET client vs obstore (benchmarks/get_client.py)"; $PY benc
 echo "== CPU budget behind the unmet targets (benchmarks/bounds.py)"; $PY benchmarks/bounds.py
 echo "== loads over a shaped link vs s5cmd, Run:ai, local disk (benchmarks/load_bench.py)"; $PY benchmarks/load_bench.py
 echo "== where a cold load's CPU goes, mlfs vs s5cmd (benchmarks/cpu_split.py)"; $PY benchmarks/cpu_split.py
+echo "== two mounts of one cache loading one model (benchmarks/shared_cache.py)"; $PY benchmarks/shared_cache.py
 echo "== the disk: a model file vs chunk files (benchmarks/disk_reads.py)"; $PY benchmarks/disk_reads.py
 echo "== fleet rollout over a shaped WAN (benchmarks/fleet_bench.py)"; $PY benchmarks/fleet_bench.py
