@@ -616,19 +616,27 @@ class ChunkCache:
         except sqlite3.Error:
             return []
 
+    @staticmethod
+    def _read_checked(path: Path, offset: int, size: int, chunk_id: str) -> bytes | None:
+        """*size* bytes at *offset* of the whole copy *path* if they are chunk *chunk_id*
+        (blake3: a copy has no seals per chunk), else None.  Raises OSError (FileNotFoundError:
+        the copy is gone)."""
+        with open(path, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), size, offset)
+        return data if len(data) == size and blake3.blake3(data).hexdigest() == chunk_id else None
+
     def _located(self, chunk_id: str, size: int) -> memoryview | None:
-        """The chunk read from a whole copy that holds it, checked with blake3 (a copy has no
-        seals per chunk); a copy found wrong there is removed, as a damaged chunk file is."""
+        """The chunk read from a whole copy that holds it, checked with blake3; a copy found
+        wrong there is removed, as a damaged chunk file is."""
         for digest, offset in self._locations(chunk_id):
             try:
-                with open(self.path(WHOLE + digest), "rb", buffering=0) as f:
-                    data = os.pread(f.fileno(), size, offset)
+                data = self._read_checked(self.path(WHOLE + digest), offset, size, chunk_id)
             except FileNotFoundError:  # removed by hand: its row, and its chunks', go too
                 self._remove(WHOLE + digest)
                 continue
             except OSError:
                 continue
-            if len(data) == size and blake3.blake3(data).hexdigest() == chunk_id:
+            if data is not None:
                 self.located_reads += 1
                 self.touch(WHOLE + digest)
                 return memoryview(data)
@@ -767,18 +775,16 @@ class ChunkCache:
         """The chunk read from a copy another mount of the cache is writing, checked with
         blake3 (docs/adr/0040).  A copy gone (admitted, or given up) takes its rows with it."""
         for name, offset in self._peer_locations(chunk_id):
-            path = self.root / "tmp" / name
             if "/" in name or not name.startswith(WHOLE):  # a row names a copy in tmp/ only
                 continue
             try:
-                with open(path, "rb", buffering=0) as f:
-                    data = os.pread(f.fileno(), size, offset)
+                data = self._read_checked(self.root / "tmp" / name, offset, size, chunk_id)
             except FileNotFoundError:
                 self._forget_assembling(name)
                 continue
             except OSError:
                 continue
-            if len(data) == size and blake3.blake3(data).hexdigest() == chunk_id:
+            if data is not None:
                 self.peer_reads += 1
                 return memoryview(data)
             log.warning("cache: copy being written %s does not hold chunk %s where the index "
